@@ -1,0 +1,1 @@
+"""Checkpoint I/O: HuggingFace safetensors <-> our parameter tree."""

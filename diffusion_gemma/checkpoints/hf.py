@@ -1,0 +1,72 @@
+"""HuggingFace DiffusionGemma checkpoints <-> our NNX model, in memory (the streaming converter builds on the
+same key table)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffusion_gemma.checkpoints.hf_keys import is_text_key, tensor_mappings
+from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError, SafetensorsDir
+from diffusion_gemma.config import ModelConfig
+from diffusion_gemma.model.transformer import DiffusionGemma
+
+
+def _flat_variables(model: nnx.Module) -> dict[tuple, nnx.Variable]:
+    return {path: variable for path, variable in nnx.iter_graph(model) if isinstance(variable, nnx.Variable)}
+
+
+def check_text_keys(config: ModelConfig, available: set[str], source: str) -> None:
+    """Every text tensor present, nothing unexpected under the text prefixes; errors name the keys."""
+    expected = {m.hf_key for m in tensor_mappings(config)}
+    missing = sorted(expected - available)
+    unexpected = sorted(k for k in available - expected if is_text_key(k))
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+
+
+def load_hf(hf_dir: str, dtype: str = "float32", compute_dtype: str | None = None,
+            **config_overrides) -> DiffusionGemma:
+    """Read a HuggingFace DiffusionGemma directory (single or sharded safetensors) into a new model.
+
+    `dtype` is the parameter dtype; the compute dtype defaults to it. The vision tower is ignored here (the
+    converter carries it through).
+    """
+    config = ModelConfig.from_hf_dir(hf_dir, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
+    checkpoint = SafetensorsDir(hf_dir)
+    check_text_keys(config, set(checkpoint.keys()), hf_dir)
+    model = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0)))
+    variables = _flat_variables(model)
+    param_dtype = np.dtype(jnp.dtype(dtype))
+    host: dict[tuple, np.ndarray] = {}
+    for mapping in tensor_mappings(config):
+        tensor = checkpoint.read(mapping.hf_key)
+        if tuple(tensor.shape) != mapping.hf_shape:
+            raise CheckpointError(f"{checkpoint.key_to_file[mapping.hf_key]}: tensor {mapping.hf_key!r} has shape "
+                                  f"{tuple(tensor.shape)}, expected {mapping.hf_shape}")
+        value = mapping.to_ours(tensor).astype(param_dtype)
+        if mapping.repeat is None:
+            host[mapping.path] = value
+        else:
+            if mapping.path not in host:
+                host[mapping.path] = np.empty(variables[mapping.path].shape, param_dtype)
+            host[mapping.path][mapping.repeat] = value
+    for path, variable in variables.items():
+        variable.set_value(jnp.asarray(host[path]))
+    return model
+
+
+def hf_text_tensors(model: DiffusionGemma) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF key, array) for every text tensor of `model`, one at a time, in HF layout and the parameter dtype."""
+    variables = _flat_variables(model)
+    for mapping in tensor_mappings(model.config):
+        value = variables[mapping.path].get_value()
+        if mapping.repeat is not None:
+            value = value[mapping.repeat]
+        yield mapping.hf_key, mapping.to_hf(np.asarray(jax.device_get(value)))

@@ -1,0 +1,115 @@
+"""Small building blocks: RMSNorm, rotary embeddings, scaled embedding, gated MLP.
+
+Math lives in pure functions; the NNX modules only own parameters. Numerics follow the transformers reference:
+norms and rotary angles in fp32, everything else in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from diffusion_gemma.config import RopeConfig
+
+
+class Buffer(nnx.Variable):
+    """A constant saved with the checkpoint but never trained (e.g. `layer_scalar`)."""
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array | None, eps: float) -> jax.Array:
+    """x * (mean(x^2) + eps)^-0.5 [* weight], computed in fp32 and cast back (plain weight, not 1 + weight)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jnp.power(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps, -0.5)
+    if weight is not None:
+        normed = normed * weight.astype(jnp.float32)
+    return normed.astype(x.dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
+    """Inverse frequencies, shape [head_dim // 2], computed in fp32 exactly as the reference does.
+
+    `proportional`: int(p * hd // 2) angles theta^(-2i/hd) (denominator: the FULL head dim), zeros for the rest.
+    """
+    if rope.rope_type == "proportional":
+        angles = int(rope.partial_rotary_factor * head_dim // 2)
+        exponents = np.arange(0, 2 * angles, 2, dtype=np.float32) / np.float32(head_dim)
+        rotated = np.float32(1.0) / (np.float32(rope.theta) ** exponents)
+        inv_freq = np.concatenate([rotated, np.zeros(head_dim // 2 - angles, np.float32)])
+    else:
+        exponents = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+        inv_freq = np.float32(1.0) / (np.float32(rope.theta) ** exponents)
+    return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [B, S, hd] for integer positions [B, S] ("rotate_half" layout: freqs repeated twice)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: [B, S, heads, hd]; pairs dim d with d + hd/2."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def init_normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float, with_scale: bool = True, param_dtype=jnp.float32,
+                 logical_axes=("norm",)):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=logical_axes) if with_scale else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, None if self.weight is None else self.weight[...], self.eps)
+
+
+class Embedder(nnx.Module):
+    """Token embedding [V, D], also the tied output head."""
+
+    def __init__(self, vocab_size: int, dim: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+        self.embed_scale = math.sqrt(dim)
+        self.embedding = nnx.Param(init_normal(rngs, (vocab_size, dim), std, param_dtype),
+                                   logical_axes=("vocab", "embed"))
+
+    def encode(self, ids: jax.Array, dtype) -> jax.Array:
+        """E[ids] * sqrt(D), the scale rounded to the compute dtype first (53.0 in bf16 for D = 2816)."""
+        table = self.embedding[...].astype(dtype)
+        return jnp.take(table, ids, axis=0) * jnp.asarray(self.embed_scale, dtype)
+
+    def soft_encode(self, probs: jax.Array, dtype) -> jax.Array:
+        """probs [B, C, V] @ E * sqrt(D): the expected embedding under a distribution."""
+        table = self.embedding[...].astype(dtype)
+        return jnp.einsum("bcv,vd->bcd", probs.astype(dtype), table) * jnp.asarray(self.embed_scale, dtype)
+
+    def decode(self, hidden: jax.Array) -> jax.Array:
+        table = self.embedding[...].astype(hidden.dtype)
+        return jnp.einsum("bcd,vd->bcv", hidden, table)
+
+
+class GatedMLP(nnx.Module):
+    """down(gelu_tanh(gate(x)) * up(x)); kernels stored [in, out]."""
+
+    def __init__(self, dim: int, hidden: int, *, std: float, param_dtype, rngs: nnx.Rngs):
+        self.gate_proj = nnx.Param(init_normal(rngs, (dim, hidden), std, param_dtype), logical_axes=("embed", "mlp"))
+        self.up_proj = nnx.Param(init_normal(rngs, (dim, hidden), std, param_dtype), logical_axes=("embed", "mlp"))
+        self.down_proj = nnx.Param(init_normal(rngs, (hidden, dim), std, param_dtype), logical_axes=("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        gate = jnp.einsum("...d,df->...f", x, self.gate_proj[...].astype(dtype))
+        up = jnp.einsum("...d,df->...f", x, self.up_proj[...].astype(dtype))
+        return jnp.einsum("...f,fd->...d", gelu_tanh(gate) * up, self.down_proj[...].astype(dtype))
