@@ -381,7 +381,9 @@ def _remove_greedily(cells: list[int], order, target: int) -> int:
     return n
 
 
-def _swap_move(cells: list[int], solution: list[int], rng: np.random.Generator) -> bool:
+def _swap_move(
+    cells: list[int], solution: list[int], rng: np.random.Generator, max_tries: int = 81
+) -> bool:
     """Replace one random given by another cell of the solution, keeping uniqueness (in place).
 
     ``cells`` is a minimal puzzle, so blanking a given ``i`` admits other solutions, all of which
@@ -403,8 +405,7 @@ def _swap_move(cells: list[int], solution: list[int], rng: np.random.Generator) 
             break
     if other is not None:
         diff = [k for k in range(81) if not cells[k] and k != i and other[k] != solution[k]]
-        if diff:
-            j = diff[int(rng.integers(len(diff)))]
+        for j in rng.permutation(diff).tolist()[:max_tries]:
             cells[j] = solution[j]
             if _run_search(cells, limit=2).count == 1:
                 return True

@@ -65,9 +65,9 @@ def rate_bucket_sums(token_losses: jax.Array, mask: jax.Array, rates: jax.Array,
     """
     buckets = jnp.clip(jnp.floor(rates * num_buckets).astype(jnp.int32), 0, num_buckets - 1)
     one_hot = jax.nn.one_hot(buckets, num_buckets, dtype=jnp.float32)                           # [B, K]
-    mask = mask.astype(jnp.float32)
-    sums = jnp.einsum("bc,bk->k", token_losses * mask, one_hot)
-    counts = jnp.einsum("bc,bk->k", mask, one_hot).astype(jnp.int32)
+    mask = mask.astype(bool)
+    sums = jnp.einsum("bc,bk->k", jnp.where(mask, token_losses, 0.0), one_hot)                 # [K]
+    counts = jnp.einsum("bc,bk->k", mask.astype(jnp.int32), one_hot.astype(jnp.int32))          # [K]
     return sums, counts
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_gemma.model.layers import RMSNorm, apply_rope, init_normal, rms_norm
+from diffusion_gemma.model.lora import effective_kernel
 
 
 def masked_attention(query: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array) -> jax.Array:
@@ -51,14 +52,14 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, S, D] (already input-normed) -> q [B,S,N,hd], k [B,S,Kv,hd] (normed + RoPE), v [B,S,Kv,hd]."""
         dtype = x.dtype
-        query = jnp.einsum("bsd,dnh->bsnh", x, self.q_proj[...].astype(dtype))
+        query = jnp.einsum("bsd,dnh->bsnh", x, effective_kernel(self, "q_proj").astype(dtype))
         query = apply_rope(self.q_norm(query), cos, sin)
-        key_raw = jnp.einsum("bsd,dkh->bskh", x, self.k_proj[...].astype(dtype))
-        value_raw = (jnp.einsum("bsd,dkh->bskh", x, self.v_proj[...].astype(dtype))
+        key_raw = jnp.einsum("bsd,dkh->bskh", x, effective_kernel(self, "k_proj").astype(dtype))
+        value_raw = (jnp.einsum("bsd,dkh->bskh", x, effective_kernel(self, "v_proj").astype(dtype))
                      if self.v_proj is not None else key_raw)
         key = apply_rope(self.k_norm(key_raw), cos, sin)
         value = rms_norm(value_raw, None, self.eps)
         return query, key, value
 
     def output(self, attended: jax.Array) -> jax.Array:
-        return jnp.einsum("bsnh,nhd->bsd", attended, self.o_proj[...].astype(attended.dtype))
+        return jnp.einsum("bsnh,nhd->bsd", attended, effective_kernel(self, "o_proj").astype(attended.dtype))

@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_gemma.config import RopeConfig
+from diffusion_gemma.model.lora import effective_kernel
 
 
 class Buffer(nnx.Variable):
@@ -110,6 +111,6 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = jnp.einsum("...d,df->...f", x, self.gate_proj[...].astype(dtype))
-        up = jnp.einsum("...d,df->...f", x, self.up_proj[...].astype(dtype))
-        return jnp.einsum("...f,fd->...d", gelu_tanh(gate) * up, self.down_proj[...].astype(dtype))
+        gate = jnp.einsum("...d,df->...f", x, effective_kernel(self, "gate_proj").astype(dtype))
+        up = jnp.einsum("...d,df->...f", x, effective_kernel(self, "up_proj").astype(dtype))
+        return jnp.einsum("...f,fd->...d", gelu_tanh(gate) * up, effective_kernel(self, "down_proj").astype(dtype))
