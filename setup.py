@@ -17,6 +17,7 @@ setup(
         "orbax-checkpoint>=0.12",
         "grain>=0.2.18",
         "sentencepiece>=0.2",
+        "tokenizers>=0.20",
         "ml-collections>=1.1",
         "chex>=0.1.92",
         "absl-py>=2.1",
@@ -24,9 +25,10 @@ setup(
         "ml_dtypes>=0.5",
         "safetensors>=0.6",
         "tqdm>=4.66",
+    "tensorboardX>=2.6",
     ],
     extras_require={
         # Reference-parity tests run the transformers implementation on the CPU build of torch.
-        "dev": ["pytest>=8", "transformers>=5.23", "torch==2.13.0"],
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.23", "torch==2.13.0"],
     },
 )

@@ -17,7 +17,9 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
 ROPE_TYPES = ("default", "proportional")
-MOE_IMPLEMENTATIONS = ("grouped", "dense")
+# "expert_parallel*" run under a mesh with an 'expert' axis (diffusion_gemma/model/expert_parallel.py).
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MOE_IMPLEMENTATIONS = ("grouped", "dense", "expert_parallel", "expert_parallel_ragged")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Defaults that transformers applies when a config.json leaves a field out.
@@ -113,6 +115,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     moe_impl: str = "grouped"
+    # Expert-parallel 'expert_parallel' only: per device-pair buffer = factor * (its tokens * top_k / expert
+    # shards); assignments beyond it are dropped and counted. None = dropless.
+    moe_capacity_factor: float | None = None
+    # Activation checkpointing of each scanned layer group: "none", "full" (save nothing), "dots" (save matmul
+    # outputs) or "dots_no_batch" (save matmul outputs without batch dims).
+    remat: str = "none"
 
     def __post_init__(self):
         self.validate()
@@ -178,8 +186,17 @@ class ModelConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ConfigError(f"ModelConfig.{name} = {getattr(self, name)!r}; expected one of {DTYPES}")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"ModelConfig.remat = {self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.moe_impl not in MOE_IMPLEMENTATIONS:
             raise ConfigError(f"ModelConfig.moe_impl = {self.moe_impl!r}; expected one of {MOE_IMPLEMENTATIONS}")
+        if self.moe_capacity_factor is not None:
+            factor = self.moe_capacity_factor
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ConfigError(f"ModelConfig.moe_capacity_factor must be a positive number or None, got {factor!r}")
+            if self.moe_impl != "expert_parallel":
+                raise ConfigError(f"ModelConfig.moe_capacity_factor applies only to moe_impl 'expert_parallel' "
+                                  f"(the other implementations are dropless), got moe_impl {self.moe_impl!r}")
 
     # -------------------------------------------------------------------------------------------- derived values
     @property

@@ -1,59 +1,66 @@
-"""`python -m diffusion_gemma.train --config=configs/sudoku.py`: the main job's entry point.
+"""`python -m diffusion_gemma.train --config=configs/sudoku.py --workdir=DIR`: fine-tune DiffusionGemma.
 
-The SFT loop is not implemented yet. Today this CLI loads the ml_collections config, builds the model it
-names, runs one encode + decode forward pass on random token ids and reports what it built.
+A thin CLI: flags (`--config=path.py[:variant]`, `--config.a.b=value` overrides, `--workdir`, multi-host
+flags), `jax.distributed` initialisation, version/device/mesh logging, then one library call:
+`diffusion_gemma.training.trainer.train(config, workdir)`.
 """
 
 from __future__ import annotations
 
-import time
+import os
+import sys
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags, logging
-from flax import nnx
 from ml_collections import config_flags
-
-from diffusion_gemma.config import ModelConfig
-from diffusion_gemma.model.transformer import DiffusionGemma
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path.py[:variant]).",
                                           lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard files go "
+                               "(default: /tmp/diffusion_gemma/<config name>).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a manual multi-host "
+                                   "launch (TPU pods and SLURM are detected automatically).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a manual launch.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch.")
 flags.mark_flags_as_required(["config"])
 
 
-def model_config_from(config) -> ModelConfig:
-    preset = getattr(ModelConfig, config.model.preset, None)
-    if preset is None or not callable(preset):
-        raise ValueError(f"config.model.preset = {config.model.preset!r} is not a ModelConfig preset "
-                         "(tiny, gemma4_26b_a4b)")
-    return preset(dtype=config.model.dtype, param_dtype=config.model.param_dtype)
+def initialize_distributed() -> None:
+    """Explicit flags win; otherwise let JAX detect TPU pods / SLURM; a plain single process does nothing."""
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        jax.distributed.initialize()
+    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        jax.distributed.initialize()
 
 
-def smoke_forward(config) -> dict:
-    """Build the model and run one encode + decode on random ids; returns what was measured."""
-    model_config = model_config_from(config)
-    model = DiffusionGemma(model_config, rngs=nnx.Rngs(config.seed))
-    params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    key_prompt, key_canvas = jax.random.split(jax.random.key(config.seed))
-    batch = config.data.batch_size
-    prompt = jax.random.randint(key_prompt, (batch, config.data.prompt_length), 0, model_config.vocab_size)
-    canvas = jax.random.randint(key_canvas, (batch, model_config.canvas_length), 0, model_config.vocab_size)
-    start = time.perf_counter()
-    logits = nnx.jit(lambda m, p, c: m(p, c))(model, prompt, canvas)
-    logits.block_until_ready()
-    return {"parameters": params, "logits_shape": tuple(logits.shape), "finite": bool(jnp.isfinite(logits).all()),
-            "seconds": time.perf_counter() - start}
+def default_workdir(config_path: str) -> str:
+    name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+    variant = config_path.split(":")[1] if ":" in config_path else ""
+    return os.path.join("/tmp/diffusion_gemma", name + (f"_{variant}" if variant else ""))
 
 
 def main(argv):
     del argv
-    config = _CONFIG.value
-    logging.info("jax %s on %s", jax.__version__, jax.devices())
-    result = smoke_forward(config)
-    print(f"built {config.model.preset!r}: {result['parameters']:,} parameters; one forward pass "
-          f"-> logits {result['logits_shape']} (finite: {result['finite']}) in {result['seconds']:.1f}s")
-    print("The SFT training loop is not implemented yet; this command only validated the config and the model.")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO; pass --verbosity=0 to see it
+    initialize_distributed()
+    from diffusion_gemma.training.config import from_config_dict
+    from diffusion_gemma.training.trainer import train
+
+    config = from_config_dict(_CONFIG.value)
+    config_arg = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "config")
+    workdir = _WORKDIR.value or default_workdir(config_arg)
+    logging.info("jax %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
+                 jax.devices())
+    print(f"workdir: {workdir}; {jax.device_count()} device(s): {jax.devices()[0].device_kind}", flush=True)
+    result = train(config, workdir)
+    last = result.history[-1] if result.history else {}
+    if jax.process_index() == 0:
+        print(f"done: step {result.final_step}; loss {last.get('loss', float('nan')):.4f}; checkpoints in "
+              f"{os.path.join(workdir, 'checkpoints')}; metrics in {os.path.join(workdir, 'metrics.jsonl')}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,17 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and exact fp32 matmuls."""
+"""Test setup: 8 fake CPU devices (set before jax is imported), exact fp32 matmuls, a shared compile cache."""
 
 import os
+import tempfile
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 fake CPU devices for the mesh tests; LLVM optimisation off because the suite is dominated by compiling
+# tiny programs (same float semantics: XLA CPU never enables fast-math reassociation).
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same programs (one tiny model, several runs): share compilations across them.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "diffusion_gemma_test_jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

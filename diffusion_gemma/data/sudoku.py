@@ -15,9 +15,12 @@ Overview:
   random order while the solution stays unique, until the requested number of givens is reached. When
   removal gets stuck at a minimal puzzle above the target, a short local search (swap one given for
   another, then remove again) digs lower; after that the grid is abandoned and a new one is tried, up to
-  a bounded number of grids. Practical floor: :data:`MIN_GIVENS` (= 20) -- 20-21 givens take a second or
-  so each, 17-19-given puzzles are far too rare among random grids for removal-based generation, so
-  targets below the floor raise ``ValueError`` immediately instead of searching for hours.
+  a bounded number of grids (:class:`GeneratorConfig`). Practical floor: :data:`MIN_GIVENS` (= 20).
+  Measured on one CPU core: 45 givens ~170-250 puzzles/s, 25 ~50-100/s, 22 ~2-5/s, 21 ~1/s, 20 ~0.1/s
+  (1-30 s each).
+  19 was not reached in 4000 local-search moves per grid, and 17-19-given puzzles are far too rare
+  among random grids for removal-based generation, so targets below the floor raise ``ValueError``
+  at once instead of searching for hours (the public 17-clue lists serve evaluation there).
 * :func:`grade` -- 'easy' (naked/hidden singles suffice), 'medium' (also needs locked candidates and
   naked/hidden pairs/triples), 'hard' (needs search beyond that) plus the search solver's backtracks.
 * :func:`givens_bucket` -- the experiment's strata by number of givens (easy >= 40, medium 30-39, hard < 30).
@@ -41,6 +44,8 @@ import numpy as np
 __all__ = [
     "MIN_GIVENS",
     "MAX_GIVENS",
+    "EASY_MIN_GIVENS",
+    "MEDIUM_MIN_GIVENS",
     "GeneratorConfig",
     "SplitRule",
     "DEFAULT_GENERATOR_CONFIG",
@@ -105,13 +110,21 @@ class GeneratorConfig:
     Attributes:
       max_grids: fresh solution grids tried before :func:`generate_puzzle` gives up (``ValueError``).
       restarts_per_grid: random removal orders tried on one grid before the local search.
-      swap_steps: local-search moves (swap one given for another, then remove greedily) per grid,
-        used only when plain removal stops above the target.
+      swap_steps: local-search moves per grid (swap one given for another cell of the solution, then
+        remove greedily), used only when plain removal stops above the target. About 1000 moves
+        reach 20 givens on most grids; 21+ rarely needs more than 200.
+      swap_tries: replacement cells tried per move.
     """
 
-    max_grids: int = 200
+    max_grids: int = 20
     restarts_per_grid: int = 2
-    swap_steps: int = 300
+    swap_steps: int = 1000
+    swap_tries: int = 4
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            if getattr(self, field.name) < (0 if field.name == "swap_steps" else 1):
+                raise ValueError(f"GeneratorConfig.{field.name} is too small: {getattr(self, field.name)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +136,10 @@ class SplitRule:
 
     eval_fraction: float = 0.1
     salt: str = "diffusion_gemma/sudoku/split/v1"
+
+    def __post_init__(self):
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must be in (0, 1), got {self.eval_fraction}")
 
 
 DEFAULT_GENERATOR_CONFIG = GeneratorConfig()
@@ -442,7 +459,7 @@ def carve_puzzle(
     assert best is not None
     cells, n = best, best_n
     for _ in range(config.swap_steps):
-        if not _swap_move(cells, sol, rng):
+        if not _swap_move(cells, sol, rng, config.swap_tries):
             continue
         n = _remove_greedily(cells, rng.permutation(81).tolist(), n_givens)
         if n == n_givens:
@@ -476,3 +493,427 @@ def generate_puzzle(
         if puzzle is not None:
             return puzzle, solution
     raise ValueError(f"no unique puzzle with {n_givens} givens found in {config.max_grids} grids")
+
+
+# --------------------------------------------------------------------------------------------------
+# Difficulty
+# --------------------------------------------------------------------------------------------------
+
+EASY_MIN_GIVENS = 40
+MEDIUM_MIN_GIVENS = 30
+
+Bucket = Literal["easy", "medium", "hard"]
+
+
+def givens_bucket(puzzle) -> Bucket:
+    """The experiment's strata by number of givens: easy >= 40, medium 30-39, hard < 30.
+
+    Accepts a grid or an already counted number of givens.
+    """
+    n = puzzle if isinstance(puzzle, (int, np.integer)) else num_givens(puzzle)
+    if not 0 <= n <= 81:
+        raise ValueError(f"number of givens must be in 0..81, got {n}")
+    if n >= EASY_MIN_GIVENS:
+        return "easy"
+    if n >= MEDIUM_MIN_GIVENS:
+        return "medium"
+    return "hard"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grade:
+    """Difficulty of one puzzle.
+
+    Attributes:
+      level: 'easy' = naked/hidden singles alone solve it; 'medium' = also needs locked candidates
+        (pointing/claiming) or naked/hidden pairs/triples; 'hard' = needs more (search).
+      backtracks: dead ends of the MRV search solver (singles propagation) before the first solution.
+      nodes: search nodes visited by that solver (1 = solved by propagation alone).
+      givens: number of givens.
+    """
+
+    level: Bucket
+    backtracks: int
+    nodes: int
+    givens: int
+
+
+def _eliminate(cand: list[int], i: int, bit: int) -> bool:
+    """Remove ``bit`` from the peers of solved cell ``i``; False when a peer runs out of candidates."""
+    for p in _PEERS[i]:
+        m = cand[p]
+        if m & bit:
+            m &= ~bit
+            if not m:
+                return False
+            cand[p] = m
+    return True
+
+
+def _singles_step(cand: list[int], solved: list[bool]) -> bool | None:
+    """One round of naked then hidden singles; returns progress, or None on a contradiction."""
+    progress = False
+    for i in range(81):
+        m = cand[i]
+        if not solved[i] and m & (m - 1) == 0:
+            if not m or not _eliminate(cand, i, m):
+                return None
+            solved[i] = True
+            progress = True
+    if progress:
+        return True
+    for unit in _UNITS:
+        for bit in _BITS_OF[_FULL]:
+            spots = [i for i in unit if cand[i] & bit]
+            if not spots:
+                return None
+            if len(spots) == 1 and cand[spots[0]] != bit:
+                cand[spots[0]] = bit
+                progress = True
+    return progress
+
+
+def _advanced_step(cand: list[int]) -> bool:
+    """One round of locked candidates and naked/hidden pairs and triples; returns progress."""
+    progress = False
+    # Locked candidates: a digit confined to one line within a box (or to one box within a line).
+    for unit in _UNITS:
+        for bit in _BITS_OF[_FULL]:
+            spots = [i for i in unit if cand[i] & bit and cand[i] != bit]
+            if len(spots) < 2:
+                continue
+            for key, units in ((_ROW, _ROW_UNITS), (_COL, _COL_UNITS), (_BOX, _BOX_UNITS)):
+                if all(key[i] == key[spots[0]] for i in spots):
+                    for p in units[key[spots[0]]]:
+                        if p not in unit and cand[p] & bit:
+                            cand[p] &= ~bit
+                            progress = True
+    # Naked and hidden subsets of size 2 and 3.
+    for unit in _UNITS:
+        open_cells = [i for i in unit if cand[i] & (cand[i] - 1)]
+        for k in (2, 3):
+            if len(open_cells) <= k:
+                continue
+            for combo in itertools.combinations(open_cells, k):
+                union = 0
+                for i in combo:
+                    union |= cand[i]
+                if _POPCOUNT[union] == k:
+                    for p in open_cells:
+                        if p not in combo and cand[p] & union:
+                            cand[p] &= ~union
+                            progress = True
+            open_digits = [b for b in _BITS_OF[_FULL] if sum(1 for i in open_cells if cand[i] & b) >= 2]
+            for combo in itertools.combinations(open_digits, k):
+                digits = sum(combo)
+                spots = [i for i in open_cells if cand[i] & digits]
+                if len(spots) == k:
+                    for p in spots:
+                        if cand[p] & ~digits:
+                            cand[p] &= digits
+                            progress = True
+    return progress
+
+
+def _logical_solve(cells: list[int], advanced: bool) -> bool:
+    """Whether human-style techniques alone solve the puzzle (singles, plus more if ``advanced``)."""
+    cand = [(1 << (v - 1)) if v else _FULL for v in cells]
+    solved = [False] * 81
+    while True:
+        step = _singles_step(cand, solved)
+        if step is None:
+            return False
+        if step:
+            continue
+        if all(solved):
+            return True
+        if not (advanced and _advanced_step(cand)):
+            return False
+        if any(m == 0 for m in cand):
+            return False
+
+
+def grade(puzzle) -> Grade:
+    """Difficulty of a solvable puzzle (see :class:`Grade`); ValueError when it has no solution."""
+    cells = _cells(puzzle)
+    stats = _run_search(cells, limit=1)
+    if stats.first is None:
+        raise ValueError("cannot grade a puzzle without a solution")
+    if _logical_solve(cells, advanced=False):
+        level: Bucket = "easy"
+    elif _logical_solve(cells, advanced=True):
+        level = "medium"
+    else:
+        level = "hard"
+    givens = sum(1 for v in cells if v)
+    return Grade(level=level, backtracks=stats.backtracks, nodes=stats.nodes, givens=givens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationResult:
+    """How a candidate answer compares with its puzzle (and reference solution, when known).
+
+    Attributes:
+      rows_valid / columns_valid / boxes_valid: no digit repeats in any row / column / box (blanks
+        are ignored, so an incomplete grid can be valid).
+      givens_preserved: every given of the puzzle is unchanged in the candidate.
+      complete: no blank cells.
+      is_solved: complete, all units valid and givens preserved -- a correct solution even when it
+        differs from the reference (only possible for puzzles without a unique solution).
+      num_violations: sum over the 27 units and 9 digits of (occurrences - 1) where a digit repeats;
+        a single misplaced digit clashing in its row, column and box counts 3.
+      num_changed_givens: givens the candidate changed (or blanked).
+      cell_accuracy: fraction of the 81 cells equal to the reference solution (None without one).
+      blank_accuracy: the same over the puzzle's blank cells only (None without a reference or when
+        the puzzle has no blanks) -- the number that does not reward copying the givens.
+    """
+
+    rows_valid: bool
+    columns_valid: bool
+    boxes_valid: bool
+    givens_preserved: bool
+    complete: bool
+    is_solved: bool
+    num_violations: int
+    num_changed_givens: int
+    cell_accuracy: float | None = None
+    blank_accuracy: float | None = None
+
+    @property
+    def units_valid(self) -> bool:
+        return self.rows_valid and self.columns_valid and self.boxes_valid
+
+
+def _unit_violations(cells: list[int], units) -> int:
+    total = 0
+    for unit in units:
+        digits = [cells[i] for i in unit if cells[i]]
+        total += len(digits) - len(set(digits))
+    return total
+
+
+def validate(puzzle, candidate, solution=None) -> ValidationResult:
+    """Check a candidate answer against the Sudoku rules, the puzzle's givens and a reference."""
+    p, c = _cells(puzzle), _cells(candidate)
+    row_v = _unit_violations(c, _ROW_UNITS)
+    col_v = _unit_violations(c, _COL_UNITS)
+    box_v = _unit_violations(c, _BOX_UNITS)
+    changed = sum(1 for a, b in zip(p, c) if a and a != b)
+    complete = all(c)
+    cell_acc = blank_acc = None
+    if solution is not None:
+        s = _cells(solution)
+        cell_acc = sum(1 for a, b in zip(c, s) if a == b) / 81
+        blanks = [i for i in range(81) if not p[i]]
+        if blanks:
+            blank_acc = sum(1 for i in blanks if c[i] == s[i]) / len(blanks)
+    return ValidationResult(
+        rows_valid=row_v == 0,
+        columns_valid=col_v == 0,
+        boxes_valid=box_v == 0,
+        givens_preserved=changed == 0,
+        complete=complete,
+        is_solved=complete and row_v + col_v + box_v == 0 and changed == 0,
+        num_violations=row_v + col_v + box_v,
+        num_changed_givens=changed,
+        cell_accuracy=cell_acc,
+        blank_accuracy=blank_acc,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Text formats
+# --------------------------------------------------------------------------------------------------
+
+_CELL_CHARS = frozenset("0123456789.")
+
+
+def _parse_cells(chars: list[str], where: str) -> np.ndarray:
+    if len(chars) != 81:
+        raise ValueError(f"{where}expected 81 cells, got {len(chars)}")
+    out = []
+    for k, ch in enumerate(chars):
+        if ch not in _CELL_CHARS:
+            raise ValueError(
+                f"{where}bad character {ch!r} at cell {k + 1} (row {k // 9 + 1}, column {k % 9 + 1}); "
+                "expected a digit 1-9, or '0' or '.' for a blank"
+            )
+        out.append(0 if ch == "." else int(ch))
+    return _to_array(out)
+
+
+def _line_cells(line: str, where: str, line_no: int) -> list[str]:
+    tokens = line.split()
+    chars = list(tokens[0]) if len(tokens) == 1 else tokens
+    if len(chars) != 9:
+        raise ValueError(f"{where}grid line {line_no}: expected 9 cells, got {len(chars)}")
+    return chars
+
+
+def parse_grid(text: str, *, source: str | None = None) -> np.ndarray:
+    """Parse one grid into a (9, 9) int8 array, 0 = blank.
+
+    Accepted: 81 characters with '.' or '0' for blanks; 81 whitespace-separated digits (the Hackable
+    Diffusion format); 9 lines of 9 digits, with or without spaces. Only syntax is checked, not the
+    Sudoku rules. Errors name what is wrong, prefixed with ``source`` (e.g. ``"file.txt:12"``).
+    """
+    where = f"{source}: " if source else ""
+    body = text.strip()
+    if not body:
+        raise ValueError(f"{where}empty input, expected 81 cells")
+    lines = [ln for ln in body.splitlines() if ln.strip()]
+    if len(lines) > 1:
+        if len(lines) != 9:
+            raise ValueError(f"{where}expected 1 line of 81 cells or 9 lines of 9, got {len(lines)} lines")
+        chars = [ch for n, ln in enumerate(lines, 1) for ch in _line_cells(ln, where, n)]
+    else:
+        tokens = body.split()
+        chars = tokens if len(tokens) > 1 else list(body)
+        for k, tok in enumerate(chars):
+            if len(tok) != 1:
+                raise ValueError(f"{where}bad token {tok!r} at cell {k + 1}; cells are single characters")
+    return _parse_cells(chars, where)
+
+
+def load_puzzles(path: str | os.PathLike) -> np.ndarray:
+    """Read one grid per line (compact or space-separated) into an (N, 9, 9) int8 array.
+
+    Blank lines and lines starting with '#' are skipped; errors name the file and line number.
+    """
+    grids = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            grids.append(parse_grid(text, source=f"{os.fspath(path)}:{line_no}"))
+    return np.stack(grids) if grids else np.zeros((0, 9, 9), np.int8)
+
+
+FormatStyle = Literal["spaces", "compact", "lines"]
+
+
+def format_grid(grid, style: FormatStyle = "spaces") -> str:
+    """Grid as text: 'spaces' = 81 space-separated digits, 0 = blank (Hackable Diffusion);
+    'compact' = 81 characters, '.' = blank; 'lines' = 9 lines of 9 digits, 0 = blank."""
+    cells = _cells(grid)
+    if style == "spaces":
+        return " ".join(str(v) for v in cells)
+    if style == "compact":
+        return "".join(str(v) if v else "." for v in cells)
+    if style == "lines":
+        return "\n".join("".join(str(v) for v in cells[r * 9 : r * 9 + 9]) for r in range(9))
+    raise ValueError(f"unknown style {style!r}; expected 'spaces', 'compact' or 'lines'")
+
+
+# --------------------------------------------------------------------------------------------------
+# Train / eval split and streams
+# --------------------------------------------------------------------------------------------------
+
+Split = Literal["train", "eval"]
+_SPLIT_IDS = {"train": 0, "eval": 1}
+
+
+def _cycle_type(src, dst) -> tuple[int, ...]:
+    """Cycle lengths of the digit permutation src[k] -> dst[k], sorted."""
+    perm = dict(zip(src, dst))
+    seen, lengths = set(), []
+    for start in perm:
+        if start in seen:
+            continue
+        n, d = 0, start
+        while d not in seen:
+            seen.add(d)
+            d = perm[d]
+            n += 1
+        lengths.append(n)
+    return tuple(sorted(lengths))
+
+
+def _line_pair_profile(lines) -> tuple:
+    return tuple(
+        sorted(
+            (a // 3 == b // 3, _cycle_type(lines[a], lines[b]))
+            for a in range(9)
+            for b in range(a + 1, 9)
+        )
+    )
+
+
+def isomorphism_key(solution) -> str:
+    """A key shared by all grids equivalent to ``solution`` under the Sudoku symmetries.
+
+    For every pair of rows, the digits in the same column define a permutation of 1..9; its cycle
+    type, tagged with whether the rows share a band, is unchanged by relabelling digits and by
+    permuting columns, and row permutations (within bands, or of bands) only reorder the pairs. The
+    same for columns, and the two sorted profiles are themselves sorted so transposition changes
+    nothing. Distinct isomorphism classes almost always get distinct keys.
+    """
+    cells = _cells(solution)
+    if 0 in cells or _initial_state(cells) is None:
+        raise ValueError("isomorphism_key needs a complete, valid solution grid")
+    rows = [cells[r * 9 : r * 9 + 9] for r in range(9)]
+    cols = [cells[c::9] for c in range(9)]
+    profiles = sorted([_line_pair_profile(rows), _line_pair_profile(cols)])
+    return repr(profiles)
+
+
+def solution_split(solution, rule: SplitRule = DEFAULT_SPLIT_RULE) -> Split:
+    """'eval' or 'train' for a solution grid: the split rule that keeps the two disjoint.
+
+    Rule: ``u = sha256(rule.salt + isomorphism_key(solution))`` read as a number in [0, 1); the grid
+    is 'eval' when ``u < rule.eval_fraction``, else 'train'. Streams only emit puzzles whose solution
+    falls on their side, so no solution grid -- not even up to relabelling, row/column/band/stack
+    permutations or transposition -- is shared between train and eval.
+    """
+    digest = hashlib.sha256((rule.salt + isomorphism_key(solution)).encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "eval" if u < rule.eval_fraction else "train"
+
+
+def puzzle_stream(
+    seed: int,
+    min_givens: int,
+    max_givens: int,
+    split: Split = "train",
+    *,
+    rule: SplitRule = DEFAULT_SPLIT_RULE,
+    config: GeneratorConfig = DEFAULT_GENERATOR_CONFIG,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Endless ``(puzzle, solution)`` pairs, identical for the same arguments.
+
+    Each item draws its number of givens uniformly from ``[min_givens, max_givens]``, then random
+    solution grids until one belongs to ``split`` (:func:`solution_split`), then carves a unique
+    puzzle from it. Train and eval streams are disjoint by construction whatever their seeds, as long
+    as they share ``rule``. Arguments are checked at call time, not at the first ``next``.
+    """
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    if min_givens > max_givens:
+        raise ValueError(f"min_givens={min_givens} > max_givens={max_givens}")
+    _check_givens(min_givens)
+    _check_givens(max_givens)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    rng = np.random.default_rng([int(seed), _SPLIT_IDS[split]])
+    return _stream(rng, min_givens, max_givens, split, rule, config)
+
+
+def _stream(rng, min_givens, max_givens, split, rule, config):
+    while True:
+        n_givens = int(rng.integers(min_givens, max_givens + 1))
+        for _ in range(config.max_grids):
+            solution = random_solution(rng)
+            while solution_split(solution, rule) != split:
+                solution = random_solution(rng)
+            puzzle = carve_puzzle(solution, n_givens, rng, config)
+            if puzzle is not None:
+                break
+        else:
+            raise ValueError(f"no unique puzzle with {n_givens} givens found in {config.max_grids} grids")
+        yield puzzle, solution

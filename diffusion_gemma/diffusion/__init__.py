@@ -2,7 +2,7 @@
 
 corruption (noising), masks (attention visibilities), batching (clean batch -> training canvas),
 self_conditioning (the two-pass rule), losses ((sum, count) terms and metrics), objective (all of it tied
-together, in forms the trainer can jit and differentiate).
+together, in forms the trainer can jit and differentiate), randomness (per-example keys).
 """
 
 from diffusion_gemma.diffusion.batching import Canvas, SftBatch, choose_blocks, full_response_canvas, \
@@ -11,14 +11,17 @@ from diffusion_gemma.diffusion.corruption import ABSORBING, UNIFORM, Corruption,
 from diffusion_gemma.diffusion.losses import finalize_metrics
 from diffusion_gemma.diffusion.masks import encoder_visibility, inference_decoder_visibility, \
     training_decoder_visibility
-from diffusion_gemma.diffusion.objective import FULL_RESPONSE, SELECTED_BLOCK, LossCounts, LossSums, \
-    ObjectiveSettings, forward, freeze_router, loss_counts, loss_fn, loss_sums, micro_batch_loss_fn
+from diffusion_gemma.diffusion.objective import FULL_RESPONSE, SELECTED_BLOCK, Forward, LossCounts, LossSums, \
+    ObjectiveSettings, denoise_canvas, forward, freeze_router, loss_counts, loss_fn, loss_sums, \
+    micro_batch_loss_fn, model_loss_sums, prepare_canvas
+from diffusion_gemma.diffusion.randomness import example_keys
 from diffusion_gemma.diffusion.self_conditioning import sample_coins, two_pass_logits
 
 __all__ = [
     "ABSORBING", "FULL_RESPONSE", "SELECTED_BLOCK", "UNIFORM", "Canvas", "Corruption", "CorruptionSettings",
-    "LossCounts", "LossSums", "ObjectiveSettings", "SftBatch", "choose_blocks", "corrupt", "encoder_visibility",
-    "finalize_metrics", "forward", "freeze_router", "full_response_canvas", "inference_decoder_visibility",
-    "loss_counts", "loss_fn", "loss_sums", "micro_batch_loss_fn", "sample_coins", "selected_block_canvas",
+    "Forward", "LossCounts", "LossSums", "ObjectiveSettings", "SftBatch", "choose_blocks", "corrupt",
+    "denoise_canvas", "encoder_visibility", "example_keys", "finalize_metrics", "forward", "freeze_router",
+    "full_response_canvas", "inference_decoder_visibility", "loss_counts", "loss_fn", "loss_sums",
+    "micro_batch_loss_fn", "model_loss_sums", "prepare_canvas", "sample_coins", "selected_block_canvas",
     "training_decoder_visibility", "two_pass_logits",
 ]

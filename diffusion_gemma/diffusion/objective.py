@@ -24,6 +24,7 @@ from diffusion_gemma.diffusion import batching, losses, randomness
 from diffusion_gemma.diffusion.batching import Canvas, SftBatch
 from diffusion_gemma.diffusion.corruption import Corruption, CorruptionSettings, corrupt
 from diffusion_gemma.diffusion.self_conditioning import sample_coins, two_pass_logits
+from diffusion_gemma.model.transformer import DiffusionGemma, KVCache
 
 SELECTED_BLOCK = "selected_block"
 FULL_RESPONSE = "full_response"
@@ -54,6 +55,8 @@ class ObjectiveSettings:
         if not 0.0 <= self.self_conditioning_probability <= 1.0:
             raise ValueError("ObjectiveSettings.self_conditioning_probability must be in [0, 1], got "
                              f"{self.self_conditioning_probability}")
+        if self.num_rate_buckets <= 0:
+            raise ValueError(f"ObjectiveSettings.num_rate_buckets must be positive, got {self.num_rate_buckets}")
         if self.canvas not in (SELECTED_BLOCK, FULL_RESPONSE):
             raise ValueError(f"ObjectiveSettings.canvas = {self.canvas!r}; expected {SELECTED_BLOCK!r} or "
                              f"{FULL_RESPONSE!r}")
@@ -112,23 +115,28 @@ def prepare_canvas(batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings,
     return corruption, canvas, keys
 
 
-def forward(model, batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings) -> Forward:
-    """Encode the clean sequence (not detached: the diffusion loss trains the encoder pass too), then denoise
-    the canvas against it with two-pass self-conditioning."""
-    corruption, canvas, keys = prepare_canvas(batch, rng, settings, model.config)
-    cache, encoder_hidden = model.encode(batch.input_ids, padding_mask=batch.attention_mask.astype(bool))
+def denoise_canvas(model: DiffusionGemma, cache: KVCache, canvas: Canvas, coins: jax.Array,
+                   settings: ObjectiveSettings) -> jax.Array:
+    """Denoise `canvas` against the encoder `cache` under its training visibility -> pass 2 logits [B, C, V]
+    (a single pass when self-conditioning is off: a False coin gives exactly the no-self-conditioning input)."""
 
     def decode(self_conditioning_logits, self_conditioning_mask):
         return model.decode(canvas.noised_ids, cache, canvas.positions, self_conditioning_logits,
                             self_conditioning_mask, canvas.visibility)
 
+    if settings.self_conditioning_probability == 0.0:
+        return decode(None, None)
+    return two_pass_logits(decode, coins)
+
+
+def forward(model: DiffusionGemma, batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings) -> Forward:
+    """Encode the clean sequence (not detached: the diffusion loss trains the encoder pass too), then denoise
+    the canvas against it with two-pass self-conditioning."""
+    corruption, canvas, keys = prepare_canvas(batch, rng, settings, model.config)
+    cache, encoder_hidden = model.encode(batch.input_ids, padding_mask=batch.attention_mask.astype(bool))
     coins = sample_coins(keys, settings.self_conditioning_probability)
-    if settings.self_conditioning_probability > 0.0:
-        canvas_logits = two_pass_logits(decode, coins)
-    else:
-        canvas_logits = decode(None, None)
-    return Forward(canvas=canvas, canvas_logits=canvas_logits, encoder_hidden=encoder_hidden,
-                   corruption=corruption, coins=coins)
+    return Forward(canvas=canvas, canvas_logits=denoise_canvas(model, cache, canvas, coins, settings),
+                   encoder_hidden=encoder_hidden, corruption=corruption, coins=coins)
 
 
 def loss_counts(batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings) -> LossCounts:
@@ -149,7 +157,7 @@ def _per_example_sum(values: jax.Array) -> losses.SumAndCount:
     return jnp.sum(values), jnp.asarray(values.shape[0], jnp.int32)
 
 
-def model_loss_sums(model, batch: SftBatch, rng: jax.Array,
+def model_loss_sums(model: DiffusionGemma, batch: SftBatch, rng: jax.Array,
                     settings: ObjectiveSettings) -> tuple[LossSums, dict[str, losses.SumAndCount]]:
     """(LossSums, metric sums) of one (micro-)batch for an NNX model."""
     out = forward(model, batch, rng, settings)
@@ -183,18 +191,20 @@ def model_loss_sums(model, batch: SftBatch, rng: jax.Array,
 
 
 def freeze_router(params: nnx.State) -> nnx.State:
-    """stop_gradient on the MoE router parameters (`router_proj`, `router_scale`): their gradient is exactly
-    zero, while the routing weights remain a differentiable function of the hidden states."""
+    """stop_gradient on the MoE router parameters (`router_proj`, `router_scale`, and a LoRA adapter on them if
+    any): their gradient is exactly zero, while the routing weights remain a differentiable function of the
+    hidden states, so the layers below still learn through them."""
+    frozen_names = set(ROUTER_PARAM_NAMES) | {f"{name}_lora" for name in ROUTER_PARAM_NAMES}
 
     def is_router(path) -> bool:
-        names = {getattr(entry, "key", getattr(entry, "name", None)) for entry in path}
-        return any(name in names for name in ROUTER_PARAM_NAMES)
+        return any(getattr(entry, "key", getattr(entry, "name", None)) in frozen_names for entry in path)
 
     return jax.tree_util.tree_map_with_path(
         lambda path, leaf: jax.lax.stop_gradient(leaf) if is_router(path) else leaf, params)
 
 
-def _merge(graphdef: nnx.GraphDef, params: nnx.State, frozen_state: nnx.State | None, settings: ObjectiveSettings):
+def _merge(graphdef: nnx.GraphDef, params: nnx.State, frozen_state: nnx.State | None,
+           settings: ObjectiveSettings) -> DiffusionGemma:
     if settings.freeze_router:
         params = freeze_router(params)
     states = (params,) if frozen_state is None else (params, frozen_state)

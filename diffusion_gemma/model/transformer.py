@@ -18,11 +18,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_gemma import sharding
 from diffusion_gemma.config import FULL, SLIDING, ModelConfig
 from diffusion_gemma.model.attention import Attention, masked_attention
 from diffusion_gemma.model.layers import (Buffer, Embedder, GatedMLP, RMSNorm, rms_norm, rope_cos_sin,
                                           rope_inv_freq)
 from diffusion_gemma.model.moe import MoE
+
+# `nnx.Intermediate` sown by every encode/decode pass when the MoE has a capacity factor: int32 [num_layers],
+# the (token, expert) assignments each layer dropped. Collect with `nnx.capture(fn, nnx.Intermediate)`.
+MOE_DROPPED_ASSIGNMENTS = "moe_dropped_assignments"
+
+
+# Activation checkpointing of one scanned layer group (ModelConfig.remat): what the backward pass may keep.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 @flax.struct.dataclass
@@ -65,15 +78,17 @@ class Block(nnx.Module):
         self.mlp = GatedMLP(dim, config.intermediate_size, std=std, param_dtype=dtype, rngs=rngs)
         self.moe = MoE(hidden_size=dim, num_experts=config.num_experts, top_k=config.top_k,
                        expert_dim=config.moe_intermediate_size, eps=eps, std=std, param_dtype=dtype,
-                       impl=config.moe_impl, rngs=rngs)
+                       impl=config.moe_impl, capacity_factor=config.moe_capacity_factor, rngs=rngs)
         # The checkpoint stores one layer_scalar for the encoder pass and one for the decoder pass.
         self.encoder_layer_scalar = Buffer(jnp.ones((1,), dtype), logical_axes=(None,))
         self.decoder_layer_scalar = Buffer(jnp.ones((1,), dtype), logical_axes=(None,))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, visible: jax.Array, cache_keys: jax.Array,
-                 cache_values: jax.Array, *, encoding: bool, write_index: jax.Array | None = None):
+                 cache_values: jax.Array, *, encoding: bool, write_index: jax.Array | None = None,
+                 token_mask: jax.Array | None = None):
         """Encoding writes this chunk's K/V into the cache at `write_index` and attends over the buffer;
-        decoding attends over [cache ; canvas] and leaves the cache untouched. Returns (x, keys, values)."""
+        decoding attends over [cache ; canvas] and leaves the cache untouched. token_mask [B, S] (None: all
+        real) keeps pad tokens out of the MoE. Returns (x, keys, values, MoE dropped-assignment count)."""
         dtype = x.dtype
         query, key, value = self.attn.project(self.input_layernorm(x), cos, sin)
         if encoding:
@@ -89,10 +104,10 @@ class Block(nnx.Module):
 
         residual = x
         dense = self.post_feedforward_layernorm_1(self.mlp(self.pre_feedforward_layernorm(residual)))
-        sparse = self.post_feedforward_layernorm_2(self.moe(residual, self.pre_feedforward_layernorm_2(residual)))
-        x = residual + self.post_feedforward_layernorm(dense + sparse)
+        sparse, dropped = self.moe.forward(residual, self.pre_feedforward_layernorm_2(residual), token_mask)
+        x = residual + self.post_feedforward_layernorm(dense + self.post_feedforward_layernorm_2(sparse))
         scalar = self.encoder_layer_scalar if encoding else self.decoder_layer_scalar
-        return x * scalar[...].astype(dtype), cache_keys, cache_values
+        return x * scalar[...].astype(dtype), cache_keys, cache_values, dropped
 
 
 class SelfConditioning(nnx.Module):
@@ -165,24 +180,31 @@ class DiffusionGemma(nnx.Module):
         return [tables[layer_type, head_dim] for layer_type, head_dim, _ in self.slot_specs()]
 
     def _run_stack(self, x, positions, visibility: Mapping[str, jax.Array], cache: KVCache, *, encoding: bool,
-                   write_index=None):
+                   write_index=None, token_mask=None):
         graphdefs, states = zip(*[nnx.split(block) for block in self.blocks])
         tables = self._rope_tables(positions)
         specs = self.slot_specs()
 
         def body(x, per_repeat):
             slot_states, slot_keys, slot_values = per_repeat
-            new_keys, new_values = [], []
+            new_keys, new_values, dropped = [], [], []
             for slot, (layer_type, _, _) in enumerate(specs):
                 block = nnx.merge(graphdefs[slot], slot_states[slot])
                 cos, sin = tables[slot]
-                x, keys, values = block(x, cos, sin, visibility[layer_type], slot_keys[slot], slot_values[slot],
-                                        encoding=encoding, write_index=write_index)
+                x, keys, values, slot_dropped = block(sharding.constrain_batch(x), cos, sin, visibility[layer_type],
+                                                      slot_keys[slot], slot_values[slot], encoding=encoding,
+                                                      write_index=write_index, token_mask=token_mask)
                 new_keys.append(keys)
                 new_values.append(values)
-            return x, (tuple(new_keys), tuple(new_values))
+                dropped.append(slot_dropped)
+            return x, (tuple(new_keys), tuple(new_values), jnp.stack(dropped))
 
-        x, (keys, values) = jax.lax.scan(body, x, (tuple(states), cache.keys, cache.values))
+        if self.config.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False)
+        x, (keys, values, dropped) = jax.lax.scan(body, x, (tuple(states), cache.keys, cache.values))
+        if self.config.moe_capacity_factor is not None:
+            # [R, P] -> [L]: layer r * P + s is repeat r of slot s.
+            self.sow(nnx.Intermediate, MOE_DROPPED_ASSIGNMENTS, dropped.reshape(-1))
         return x, keys, values
 
     def lm_logits(self, normed_hidden: jax.Array) -> jax.Array:
@@ -215,7 +237,8 @@ class DiffusionGemma(nnx.Module):
         visibility = {FULL: key_mask[:, None, :] & causal[None], SLIDING: key_mask[:, None, :] & (causal & in_window)[None]}
 
         x = self.embedder.encode(input_ids, self.compute_dtype)
-        x, keys, values = self._run_stack(x, positions, visibility, cache, encoding=True, write_index=start)
+        x, keys, values = self._run_stack(x, positions, visibility, cache, encoding=True, write_index=start,
+                                          token_mask=padding_mask)
         new_cache = KVCache(keys=keys, values=values, key_mask=key_mask, length=start + chunk)
         return new_cache, self.final_norm(x)
 
@@ -237,11 +260,12 @@ class DiffusionGemma(nnx.Module):
 
     def decode(self, canvas_ids: jax.Array, cache: KVCache, positions: jax.Array | None = None,
                self_conditioning_logits: jax.Array | None = None, self_conditioning_mask: jax.Array | None = None,
-               visibility: Mapping[str, jax.Array] | None = None) -> jax.Array:
+               visibility: Mapping[str, jax.Array] | None = None, canvas_mask: jax.Array | None = None) -> jax.Array:
         """Denoise a canvas [B, C] against a read-only cache -> fp32 softcapped logits [B, C, V].
 
         positions default to cache.length + arange(C). `visibility` (per layer type, bool [B, C, T + C]) overrides
-        the inference masks, e.g. with the block-causal training visibility.
+        the inference masks, e.g. with the block-causal training visibility. canvas_mask [B, C] marks real canvas
+        tokens (default: all); the others are kept out of the MoE.
         """
         batch, canvas_length = canvas_ids.shape
         dtype = self.compute_dtype
@@ -258,7 +282,7 @@ class DiffusionGemma(nnx.Module):
             if self_conditioning_mask is not None:
                 soft = soft * self_conditioning_mask.astype(dtype)[:, None, None]
         x = self.self_conditioning(embeds, soft)
-        x, _, _ = self._run_stack(x, positions, visibility, cache, encoding=False)
+        x, _, _ = self._run_stack(x, positions, visibility, cache, encoding=False, token_mask=canvas_mask)
         return self.lm_logits(self.final_norm(x))
 
     def __call__(self, input_ids: jax.Array, decoder_input_ids: jax.Array, *, attention_mask: jax.Array | None = None,

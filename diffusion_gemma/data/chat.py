@@ -1,0 +1,130 @@
+"""Chat JSONL -> single-turn SFT examples, rendered and supervised exactly as the reference recipe.
+
+Rendering (Gemma 4): `<bos>` [`<|turn>system\\n` S `<turn|>\\n`] then per turn `<|turn>ROLE\\n` TEXT `<turn|>\\n`,
+with the assistant role written `model`. Only the LAST assistant turn is supervised: its text + `<turn|>\\n`;
+its header `<|turn>model\\n` belongs to the prompt (supervising it teaches the model to re-emit the header).
+The response is EOS-filled up to the next multiple of the block size counted from the response start; beyond
+that is padding (not attended, not supervised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
+
+TURN_START = "<|turn>"
+TURN_END = "<turn|>"
+ROLES = {"system": "system", "user": "user", "assistant": "model", "model": "model"}
+
+
+class TextTokenizer(Protocol):
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def require_id(self, token: str) -> int: ...
+
+
+class ChatFormatError(ValueError):
+    """A malformed chat record; the message names the file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SftExample:
+    """One tokenized example: `tokens` [S] with `supervised` and `attention` masks, `response_start` = prefix."""
+
+    tokens: np.ndarray
+    supervised: np.ndarray
+    attention: np.ndarray
+    response_start: int
+
+
+def _turn_ids(tokenizer: TextTokenizer, role: str, content: str, *, close: bool = True) -> list[int]:
+    """`<|turn>ROLE\n CONTENT <turn|>\n`; the markers are placed by id, so the text between them is tokenized
+    exactly as a full render would be (tokenizers split their input at special tokens first) even when a
+    tokenizer treats the markers as control symbols that never come out of `encode`."""
+    ids = [tokenizer.require_id(TURN_START)] + list(tokenizer.encode(f"{ROLES[role]}\n{content}"))
+    if close:
+        ids += [tokenizer.require_id(TURN_END)] + list(tokenizer.encode("\n"))
+    return ids
+
+
+def prompt_and_answer_ids(turns: Sequence[ChatTurn], tokenizer: TextTokenizer) -> tuple[list[int], list[int]]:
+    """Prompt ids (`<bos>`, every turn before the last assistant turn, then its `<|turn>model\n` header) and the
+    supervised answer ids (its content + `<turn|>\n`)."""
+    last = max((i for i, turn in enumerate(turns) if ROLES[turn.role] == "model"), default=None)
+    if last is None:
+        raise ChatFormatError("conversation has no assistant turn to supervise")
+    prompt = [tokenizer.bos_id]
+    for turn in turns[:last]:
+        prompt += _turn_ids(tokenizer, turn.role, turn.content)
+    prompt += _turn_ids(tokenizer, "model", "", close=False)
+    answer = (list(tokenizer.encode(turns[last].content)) + [tokenizer.require_id(TURN_END)]
+              + list(tokenizer.encode("\n")))
+    return prompt, answer
+
+
+def tokenize_example(turns: Sequence[ChatTurn], tokenizer: TextTokenizer, *, seq_length: int,
+                     block_size: int) -> SftExample:
+    """EOS-fill the response to a block multiple (counted from the response start), truncate to `seq_length`
+    and pad. Prompt and answer are tokenized separately so the supervised span starts exactly at the answer."""
+    prompt, answer = prompt_and_answer_ids(turns, tokenizer)
+    return pack_example(prompt, answer, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, seq_length=seq_length,
+                        block_size=block_size)
+
+
+def pack_example(prompt: Sequence[int], answer: Sequence[int], *, eos_id: int, pad_id: int, seq_length: int,
+                 block_size: int) -> SftExample:
+    """prompt + answer + EOS fill (supervised, attended) + pad (neither), truncated to `seq_length`."""
+    filled_length = -(-len(answer) // block_size) * block_size
+    response = list(answer) + [eos_id] * (filled_length - len(answer))
+    sequence = (list(prompt) + response)[:seq_length]
+    tokens = np.full((seq_length,), pad_id, np.int32)
+    supervised = np.zeros((seq_length,), bool)
+    attention = np.zeros((seq_length,), bool)
+    tokens[: len(sequence)] = sequence
+    attention[: len(sequence)] = True
+    supervised[len(prompt): len(sequence)] = True
+    return SftExample(tokens=tokens, supervised=supervised, attention=attention,
+                      response_start=min(len(prompt), seq_length))
+
+
+def parse_record(line: str, *, path: str, line_number: int) -> list[ChatTurn]:
+    """One JSONL line in OpenAI messages format -> turns; errors name the file and line."""
+    where = f"{path}:{line_number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ChatFormatError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from None
+    messages = record.get("messages") if isinstance(record, dict) else None
+    if not isinstance(messages, list) or not messages:
+        raise ChatFormatError(f"{where}: expected an object with a non-empty 'messages' list")
+    turns = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise ChatFormatError(f"{where}: messages[{i}] needs a string 'content'")
+        role = message.get("role")
+        if role not in ROLES:
+            raise ChatFormatError(f"{where}: messages[{i}].role = {role!r}; expected one of {sorted(ROLES)}")
+        turns.append(ChatTurn(role, message["content"]))
+    if not any(ROLES[t.role] == "model" for t in turns):
+        raise ChatFormatError(f"{where}: no assistant message to supervise")
+    return turns
+
+
+def read_chat_jsonl(path: str) -> Iterator[list[ChatTurn]]:
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                yield parse_record(line, path=path, line_number=line_number)

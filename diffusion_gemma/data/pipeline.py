@@ -1,0 +1,172 @@
+"""grain input pipelines: example sources -> shuffled, per-process, batched SFT examples with global indices.
+
+Every example carries its global index in the data stream (`example_index`), which keys all of its training
+randomness: the noise is independent of how the batch is split across devices and processes, and a resumed
+run (the iterator state is saved in checkpoints) sees exactly the data and noise of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Protocol
+
+import grain
+import numpy as np
+
+from diffusion_gemma.data import chat
+from diffusion_gemma.data.chat import SftExample
+
+SOURCES = ("synthetic", "chat_jsonl", "sudoku")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """`source`: synthetic (a learnable copy task, for smoke runs), chat_jsonl (OpenAI messages, needs `path`
+    and `tokenizer`), or sudoku. `seq_length` is the fixed row length (prompt + block-filled response)."""
+
+    source: str = "synthetic"
+    path: str | None = None
+    tokenizer: str | None = None
+    seq_length: int = 64
+    block_size: int = 16
+    global_batch_size: int = 8
+    shuffle_seed: int = 0
+    num_synthetic_examples: int = 4096
+    synthetic_vocab_size: int = 64
+    sudoku_min_givens: int = 30
+    sudoku_max_givens: int = 50
+
+    def __post_init__(self):
+        if self.source not in SOURCES:
+            raise ValueError(f"data.source = {self.source!r}; expected one of {SOURCES}")
+        if self.source == "chat_jsonl" and (not self.path or not self.tokenizer):
+            raise ValueError("data.source = 'chat_jsonl' needs data.path and data.tokenizer")
+        for name in ("seq_length", "block_size", "global_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+
+
+class ExampleSource(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> SftExample: ...
+
+
+class ChatJsonlSource:
+    """Chat JSONL records, validated eagerly (a malformed line fails before training starts, naming the file
+    and line) and tokenized on access."""
+
+    def __init__(self, path: str, tokenizer: chat.TextTokenizer, *, seq_length: int, block_size: int):
+        self.records = list(chat.read_chat_jsonl(path))
+        if not self.records:
+            raise chat.ChatFormatError(f"{path}: no examples")
+        self.tokenizer, self.seq_length, self.block_size = tokenizer, seq_length, block_size
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> SftExample:
+        return chat.tokenize_example(self.records[index], self.tokenizer, seq_length=self.seq_length,
+                                     block_size=self.block_size)
+
+
+class SyntheticSource:
+    """A deterministic, learnable task for smoke runs: the prompt is a random token string (ids >= 3, so no
+    special token), the answer is the same string reversed. Ids: pad 0, eos 1, bos 2."""
+
+    def __init__(self, *, num_examples: int, vocab_size: int, seq_length: int, block_size: int, seed: int = 0):
+        if vocab_size < 4:
+            raise ValueError("data.synthetic_vocab_size must be >= 4")
+        self.num_examples, self.vocab_size = num_examples, vocab_size
+        self.seq_length, self.block_size, self.seed = seq_length, block_size, seed
+        self.max_content = max(1, min(block_size - 1, (seq_length - 1) // 2 - 1))
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def __getitem__(self, index: int) -> SftExample:
+        rng = np.random.default_rng([self.seed, index])
+        length = int(rng.integers(1, self.max_content + 1))
+        content = rng.integers(3, self.vocab_size, size=length).tolist()
+        return chat.pack_example([2] + content, content[::-1], eos_id=1, pad_id=0, seq_length=self.seq_length,
+                                 block_size=self.block_size)
+
+
+class SudokuSource:
+    """Sudoku in the compact character format for from-scratch models: prompt = `<bos>` + the 81 cells of the
+    puzzle (0 = blank), response = the 81 cells of the solution (one canvas block when block_size >= 81).
+    Ids: pad 0, eos 1, bos 2, digit d -> 3 + d. Example i is generated from seed [seed, i] on the TRAIN side of
+    the split rule, so training never sees an evaluation solution grid."""
+
+    DIGIT_OFFSET = 3
+    VOCAB_SIZE = 16
+
+    def __init__(self, *, num_examples: int, seed: int, min_givens: int, max_givens: int, seq_length: int,
+                 block_size: int):
+        if seq_length < 1 + 81 + 81:
+            raise ValueError(f"data.seq_length = {seq_length} cannot hold a Sudoku prompt and answer (163)")
+        self.num_examples, self.seed = num_examples, seed
+        self.min_givens, self.max_givens = min_givens, max_givens
+        self.seq_length, self.block_size = seq_length, block_size
+
+    def __len__(self) -> int:
+        return self.num_examples
+
+    def puzzle(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        from diffusion_gemma.data import sudoku
+
+        rng = np.random.default_rng([self.seed, index])
+        givens = int(rng.integers(self.min_givens, self.max_givens + 1))
+        while True:
+            puzzle, solution = sudoku.generate_puzzle(rng, givens)
+            if sudoku.solution_split(solution) == "train":
+                return puzzle, solution
+
+    def __getitem__(self, index: int) -> SftExample:
+        puzzle, solution = self.puzzle(index)
+        prompt = [2] + (puzzle.reshape(-1).astype(np.int32) + self.DIGIT_OFFSET).tolist()
+        answer = (solution.reshape(-1).astype(np.int32) + self.DIGIT_OFFSET).tolist()
+        return chat.pack_example(prompt, answer, eos_id=1, pad_id=0, seq_length=self.seq_length,
+                                 block_size=self.block_size)
+
+
+def _as_features(index: int, example: SftExample) -> dict[str, np.ndarray]:
+    return {"input_ids": example.tokens, "attention_mask": example.attention, "supervised_mask": example.supervised,
+            "response_start": np.int32(example.response_start), "example_index": np.int32(index)}
+
+
+def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int, process_index: int = 0,
+                 process_count: int = 1) -> grain.IterDataset:
+    """Shuffle over as many epochs as `num_steps` needs, number the examples of the global stream, keep this
+    process's share and batch it (global_batch_size / process_count rows per process and step)."""
+    if config.global_batch_size % process_count:
+        raise ValueError(f"data.global_batch_size = {config.global_batch_size} is not divisible by the "
+                         f"{process_count} processes")
+    needed = (num_steps + 1) * config.global_batch_size
+    epochs = max(1, -(-needed // len(source)))
+    dataset = grain.MapDataset.source(source).repeat(epochs).shuffle(seed=config.shuffle_seed)
+    dataset = dataset.map_with_index(_as_features)
+    dataset = dataset[process_index::process_count]
+    return dataset.batch(config.global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+
+
+def make_source(config: DataConfig, tokenizer: chat.TextTokenizer | None = None) -> ExampleSource:
+    if config.source == "synthetic":
+        return SyntheticSource(num_examples=config.num_synthetic_examples, vocab_size=config.synthetic_vocab_size,
+                               seq_length=config.seq_length, block_size=config.block_size, seed=config.shuffle_seed)
+    if config.source == "chat_jsonl":
+        if tokenizer is None:
+            raise ValueError("data.source = 'chat_jsonl' needs a tokenizer")
+        return ChatJsonlSource(config.path, tokenizer, seq_length=config.seq_length, block_size=config.block_size)
+    return SudokuSource(num_examples=config.num_synthetic_examples, seed=config.shuffle_seed,
+                        min_givens=config.sudoku_min_givens, max_givens=config.sudoku_max_givens,
+                        seq_length=config.seq_length, block_size=config.block_size)
+
+
+def iterator_state_json(iterator) -> str:
+    return json.dumps(iterator.get_state())
+
+
+def restore_iterator_state(iterator, state_json: str) -> None:
+    iterator.set_state(json.loads(state_json))

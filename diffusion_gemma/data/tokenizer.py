@@ -1,0 +1,165 @@
+"""Tokenizers for prompting and decoding: a small `Tokenizer` interface over a HuggingFace `tokenizer.json` (the
+`tokenizers` library) or a sentencepiece model, and Gemma 4 rendering of a single user turn.
+
+`encode` adds no special tokens of its own (the caller places `<bos>`), but special tokens written in the text,
+such as `<|turn>`, are recognised as such. `load_tokenizer(path)` takes a file or a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+TOKENIZER_JSON = "tokenizer.json"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+TURN_START = "<|turn>"
+TURN_END = "<turn|>"
+
+# Names tried, in order, for the special tokens when the caller does not give their ids.
+_BOS_NAMES = ("<bos>", "<s>")
+_EOS_NAMES = ("<eos>", "</s>")
+_PAD_NAMES = ("<pad>",)
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file that cannot be used (missing, unknown format, or lacking a needed token)."""
+
+
+class Tokenizer:
+    """encode(text) -> ids, decode(ids) -> text, the bos/eos/pad ids and a vocabulary lookup."""
+
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def require_id(self, token: str) -> int:
+        token_id = self.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"the tokenizer has no {token!r} token")
+        return token_id
+
+    def _special_id(self, given: int | None, names: Sequence[str], what: str) -> int:
+        if given is not None:
+            return int(given)
+        for name in names:
+            token_id = self.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        raise TokenizerError(f"no {what} token found (tried {list(names)}); pass its id explicitly")
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    """A `tokenizer.json` read with the `tokenizers` library (Gemma 4 ships one: BPE with byte fallback)."""
+
+    def __init__(self, path: str, *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            self._tokenizer = RustTokenizer.from_file(os.fspath(path))
+        except Exception as err:  # the Rust library raises a bare Exception for unreadable files
+            raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
+        self.path = os.fspath(path)
+        self.bos_id = self._special_id(bos_id, _BOS_NAMES, "BOS")
+        self.eos_id = self._special_id(eos_id, _EOS_NAMES, "EOS")
+        self.pad_id = self._special_id(pad_id, _PAD_NAMES, "pad")
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A sentencepiece model (Gemma's `tokenizer.model`)."""
+
+    def __init__(self, path: str, *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None):
+        import sentencepiece
+
+        self._processor = sentencepiece.SentencePieceProcessor()
+        try:
+            self._processor.Load(os.fspath(path))
+        except (OSError, RuntimeError) as err:
+            raise TokenizerError(f"{path}: not a sentencepiece model ({err})") from None
+        self.path = os.fspath(path)
+        processor = self._processor
+        self.bos_id = bos_id if bos_id is not None else self._own_or_named(processor.bos_id(), _BOS_NAMES, "BOS")
+        self.eos_id = eos_id if eos_id is not None else self._own_or_named(processor.eos_id(), _EOS_NAMES, "EOS")
+        self.pad_id = pad_id if pad_id is not None else self._own_or_named(processor.pad_id(), _PAD_NAMES, "pad")
+
+    def _own_or_named(self, own: int, names: Sequence[str], what: str) -> int:
+        return own if own >= 0 else self._special_id(None, names, what)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._processor.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._processor.EncodeAsIds(text))
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if not (self._processor.IsControl(i) or self._processor.IsUnknown(i))
+                   and i not in (self.bos_id, self.eos_id, self.pad_id)]
+        return self._processor.DecodeIds(ids)
+
+    def token_to_id(self, token: str) -> int | None:
+        token_id = self._processor.PieceToId(token)
+        if token_id == self._processor.unk_id() and token != self._processor.IdToPiece(token_id):
+            return None
+        return token_id
+
+
+def find_tokenizer_file(path: str) -> str | None:
+    """`path` itself if it is a file, else its tokenizer.json or tokenizer.model (in that order), else None."""
+    if os.path.isfile(path):
+        return path
+    for name in (TOKENIZER_JSON, SENTENCEPIECE_MODEL):
+        candidate = os.path.join(path, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_tokenizer(path: str, **special_ids) -> Tokenizer:
+    """A `tokenizer.json` / sentencepiece model file, or a directory holding one. `special_ids` (bos_id, eos_id,
+    pad_id) override the ids found by token name."""
+    found = find_tokenizer_file(os.fspath(path))
+    if found is None:
+        raise TokenizerError(f"{path}: no {TOKENIZER_JSON} or {SENTENCEPIECE_MODEL}")
+    if found.endswith(".json"):
+        return HuggingFaceTokenizer(found, **special_ids)
+    return SentencePieceTokenizer(found, **special_ids)
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Gemma 4 single user turn, ready for the model to answer:
+    `<bos><|turn>user\\n{prompt}<turn|>\\n<|turn>model\\n`. The turn markers' ids are looked up in the
+    vocabulary and placed directly, so the text in between is tokenized exactly as a full render would be (a
+    tokenizer splits its input at special tokens first) even when the markers are control symbols."""
+    turn_start, turn_end = tokenizer.require_id(TURN_START), tokenizer.require_id(TURN_END)
+    return ([tokenizer.bos_id, turn_start] + tokenizer.encode(f"user\n{prompt}") + [turn_end]
+            + tokenizer.encode("\n") + [turn_start] + tokenizer.encode("model\n"))

@@ -1,0 +1,214 @@
+"""`python -m diffusion_gemma.generate`: answer prompts with the jitted block-diffusion sampler.
+
+    python -m diffusion_gemma.generate --hf_dir=DIR --prompt="Why is the sky blue?" --chat
+    python -m diffusion_gemma.generate --checkpoint=CKPT --prompts_file=prompts.jsonl --output=answers.jsonl
+
+The model comes from a HuggingFace directory (`--hf_dir`) or one of our Orbax checkpoints (`--checkpoint`, whose
+`hf/` side directory holds the tokenizer and generation config). Sampling settings are the checkpoint's
+`generation_config.json`, then the flags. A prompts file is JSONL, one prompt per line: a JSON string or an
+object with a "prompt" field; prompts are left-padded into batches of `--batch_size`. For every prompt the
+answer, its tokens per decoder forward pass and the batch's wall time are printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from diffusion_gemma.data.tokenizer import Tokenizer, chat_prompt_ids, find_tokenizer_file, load_tokenizer
+from diffusion_gemma.diffusion import sampler as sampler_lib
+from diffusion_gemma.model.transformer import DiffusionGemma
+
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace DiffusionGemma directory (config.json + safetensors).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Our Orbax checkpoint directory (or a trainer's root).")
+_PROMPT = flags.DEFINE_string("prompt", None, "One prompt.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL file of prompts (batch mode).")
+_CHAT = flags.DEFINE_bool("chat", False, "Render each prompt as a Gemma 4 user turn followed by the model header.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate (rounded up to whole canvases).")
+_MAX_STEPS = flags.DEFINE_integer("max_denoising_steps", None, "Denoising step budget per canvas.")
+_STRATEGY = flags.DEFINE_enum("strategy", None, list(sampler_lib.ACCEPTANCE_RULES),
+                              "Acceptance rule (default: entropy_bound, the reference's).")
+_ENTROPY_BOUND = flags.DEFINE_float("entropy_bound", None, "Bound of the entropy_bound rule.")
+_ACCEPT_CONFIDENCE = flags.DEFINE_float("accept_confidence", None, "Threshold of the confidence rule.")
+_ACCEPT_TOP_K = flags.DEFINE_integer("accept_top_k", None, "k of the top_k rule.")
+_GREEDY = flags.DEFINE_bool("greedy", False, "Take the argmax instead of sampling.")
+_FIXED_STEPS = flags.DEFINE_bool("fixed_steps", False, "Run every canvas for exactly max_denoising_steps steps.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Prompts per batch in batch mode.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json / sentencepiece model (default: the model's).")
+_DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
+_COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", None, "Compute dtype (default: the parameter dtype).")
+_SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every row's argmax canvas after each denoising step.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write one JSON line per prompt here.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    tokens_per_forward: float
+    denoising_steps: int
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    model: DiffusionGemma
+    sampler_config: sampler_lib.SamplerConfig
+    tokenizer_dir: str | None
+    generation_config: str | None
+
+
+def load(*, hf_dir: str | None = None, checkpoint: str | None = None, dtype: str = "float32",
+         compute_dtype: str | None = None) -> LoadedModel:
+    """The model and its sampling defaults. Without EOS/pad ids in generation_config.json, the model config's
+    are used so that answers end (the reference would then run to max_new_tokens)."""
+    if (hf_dir is None) == (checkpoint is None):
+        raise ValueError("give exactly one of --hf_dir and --checkpoint")
+    if hf_dir is not None:
+        from diffusion_gemma.checkpoints.hf import load_hf
+
+        model = load_hf(hf_dir, dtype=dtype, compute_dtype=compute_dtype)
+        side_dir = hf_dir
+    else:
+        try:
+            from diffusion_gemma.checkpoints.orbax_io import locate, load_model
+        except ImportError as err:
+            raise RuntimeError(f"--checkpoint needs diffusion_gemma.checkpoints.orbax_io ({err}); use --hf_dir")
+        model = load_model(checkpoint, param_dtype=dtype, dtype=compute_dtype or dtype)
+        side_dir = locate(checkpoint).find("hf")
+    generation_config = None
+    if side_dir is not None and os.path.exists(os.path.join(side_dir, sampler_lib.GENERATION_CONFIG_FILE)):
+        generation_config = os.path.join(side_dir, sampler_lib.GENERATION_CONFIG_FILE)
+    config = sampler_lib.SamplerConfig.from_generation_config(generation_config or {})
+    if not config.eos_token_ids:
+        logging.info("generation config has no EOS ids; using the model config's %s", model.config.eos_token_ids)
+        config = config.replace(eos_token_ids=model.config.eos_token_ids)
+    if config.pad_token_id is None:
+        config = config.replace(pad_token_id=model.config.pad_token_id)
+    return LoadedModel(model, config, side_dir, generation_config)
+
+
+def sampler_overrides(**flag_values) -> dict:
+    """Flag values -> SamplerConfig fields (unset flags left out)."""
+    names = dict(max_new_tokens="max_new_tokens", max_denoising_steps="max_denoising_steps", strategy="acceptance",
+                 entropy_bound="entropy_bound", accept_confidence="accept_confidence", accept_top_k="accept_top_k")
+    overrides = {names[k]: v for k, v in flag_values.items() if k in names and v is not None}
+    if flag_values.get("greedy"):
+        overrides["greedy"] = True
+    if flag_values.get("fixed_steps"):
+        overrides["early_stop"] = False
+    return overrides
+
+
+def read_prompts(path: str) -> list[str]:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: invalid JSON ({err})") from None
+            prompt = record.get("prompt") if isinstance(record, dict) else record
+            if not isinstance(prompt, str):
+                raise ValueError(f"{path}:{number}: expected a JSON string or an object with a string 'prompt'")
+            prompts.append(prompt)
+    return prompts
+
+
+def answer_ids(generated: np.ndarray, config: sampler_lib.SamplerConfig) -> list[int]:
+    """A row's generated tokens up to (not including) its first EOS, pads dropped."""
+    ids = []
+    for token in np.asarray(generated).tolist():
+        if token in config.eos_token_ids:
+            break
+        if token != config.pad_token_id:
+            ids.append(token)
+    return ids
+
+
+def answer_prompts(model: DiffusionGemma, tokenizer: Tokenizer, prompts: Sequence[str],
+                   config: sampler_lib.SamplerConfig, *, chat: bool = False, seed: int = 0, batch_size: int = 8,
+                   on_step: Callable[[sampler_lib.StepEvent], None] | None = None) -> list[Answer]:
+    """Generate for every prompt, `batch_size` at a time (left-padded), with the key `seed` folded per batch."""
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        batch = list(prompts[start:start + batch_size])
+        encoded = [chat_prompt_ids(tokenizer, p) if chat else [tokenizer.bos_id] + tokenizer.encode(p)
+                   for p in batch]
+        too_large = max(max(ids) for ids in encoded)
+        if too_large >= model.config.vocab_size:
+            raise ValueError(f"token id {too_large} is outside the model's vocabulary ({model.config.vocab_size}): "
+                             "is the tokenizer the model's?")
+        prompt_ids, prompt_mask = sampler_lib.left_pad(encoded, tokenizer.pad_id)
+        key = jax.random.fold_in(jax.random.key(seed), start // batch_size)
+        began = time.perf_counter()
+        result = sampler_lib.generate(model, prompt_ids, prompt_mask, key, config, on_step=on_step)
+        generated = result.generated()  # blocks until the device is done
+        seconds = time.perf_counter() - began
+        per_forward = result.tokens_per_forward()
+        for row, prompt in enumerate(batch):
+            ids = answer_ids(generated[row], config)
+            answers.append(Answer(prompt=prompt, text=tokenizer.decode(ids), token_ids=ids,
+                                  tokens_per_forward=float(per_forward[row]), denoising_steps=result.total_steps(),
+                                  seconds=seconds))
+    return answers
+
+
+def print_steps(tokenizer: Tokenizer) -> Callable[[sampler_lib.StepEvent], None]:
+    def show(event: sampler_lib.StepEvent):
+        for row, canvas in enumerate(event.argmax):
+            state = "done" if event.done[row] else f"{int(event.accepted[row].sum())} accepted"
+            print(f"[block {event.block} step {event.steps_remaining:3d} row {row} {state}] "
+                  f"{tokenizer.decode(canvas.tolist())!r}", flush=True)
+    return show
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
+        raise app.UsageError("give exactly one of --prompt and --prompts_file")
+    if (_HF_DIR.value is None) == (_CHECKPOINT.value is None):
+        raise app.UsageError("give exactly one of --hf_dir and --checkpoint")
+    loaded = load(hf_dir=_HF_DIR.value, checkpoint=_CHECKPOINT.value, dtype=_DTYPE.value,
+                  compute_dtype=_COMPUTE_DTYPE.value)
+    tokenizer_path = _TOKENIZER.value or (loaded.tokenizer_dir and find_tokenizer_file(loaded.tokenizer_dir))
+    if not tokenizer_path:
+        raise app.UsageError("no tokenizer.json / tokenizer.model next to the model: pass --tokenizer")
+    tokenizer = load_tokenizer(tokenizer_path)
+    config = loaded.sampler_config.replace(**sampler_overrides(
+        max_new_tokens=_MAX_NEW_TOKENS.value, max_denoising_steps=_MAX_STEPS.value, strategy=_STRATEGY.value,
+        entropy_bound=_ENTROPY_BOUND.value, accept_confidence=_ACCEPT_CONFIDENCE.value,
+        accept_top_k=_ACCEPT_TOP_K.value, greedy=_GREEDY.value, fixed_steps=_FIXED_STEPS.value))
+    prompts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
+    logging.info("jax %s on %s; sampler %s", jax.__version__, jax.devices(), config)
+    answers = answer_prompts(loaded.model, tokenizer, prompts, config, chat=_CHAT.value, seed=_SEED.value,
+                             batch_size=_BATCH_SIZE.value, on_step=print_steps(tokenizer) if _SHOW_STEPS.value
+                             else None)
+    for index, answer in enumerate(answers):
+        if len(answers) > 1:
+            print(f"=== prompt {index}: {answer.prompt!r}")
+        print(answer.text)
+        print(f"--- {len(answer.token_ids)} tokens, {answer.tokens_per_forward:.2f} tokens per forward, "
+              f"{answer.denoising_steps} denoising steps, {answer.seconds:.2f} s for its batch "
+              f"(the first batch includes compilation)", file=sys.stdout, flush=True)
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+            for answer in answers:
+                f.write(json.dumps(dataclasses.asdict(answer)) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

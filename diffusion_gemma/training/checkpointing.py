@@ -1,0 +1,99 @@
+"""Training checkpoints with Orbax's CheckpointManager, in the layout the converter reads
+(`diffusion_gemma/checkpoints/orbax_io.py`): WORKDIR/checkpoints/<step>/{params, opt_state, train_state} plus
+model_config.json, lora.json and the HuggingFace passthrough (hf/) at the root, so `export-hf
+--checkpoint=WORKDIR/checkpoints` works on any training run.
+
+Trees are plain nested dicts with string keys (`state_to_tree`), so they save and restore without NNX objects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from diffusion_gemma.checkpoints import orbax_io
+from diffusion_gemma.config import ModelConfig
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The workdir holds a checkpoint of another model; nothing is overwritten."""
+
+
+def state_to_tree(state: nnx.State) -> dict:
+    """nnx.State -> nested dict of arrays keyed like `nnx.state(model)`, list indices as strings."""
+    return orbax_io.nest({tuple(str(p) for p in path): variable.get_value()
+                          for path, variable in nnx.to_flat_state(state)})
+
+
+def tree_to_state(template: nnx.State, tree: Mapping) -> nnx.State:
+    """Inverse of `state_to_tree`, keeping the template's Variable types and metadata (the template may be
+    abstract)."""
+    flat = orbax_io.flatten(tree)
+    return nnx.from_flat_state([(path, variable.replace(flat[tuple(str(p) for p in path)]))
+                                for path, variable in nnx.to_flat_state(template)])
+
+
+class TrainCheckpointer:
+    """Save every N steps (and on demand), keep K, asynchronously; restore the latest onto any mesh."""
+
+    def __init__(self, directory: str, *, model_config: ModelConfig, lora: Mapping[str, Any] | None,
+                 keep: int, async_save: bool, hf_passthrough: str | None = None):
+        self.directory = os.path.abspath(directory)
+        self._check_compatible(model_config, lora)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        if jax.process_index() == 0:
+            orbax_io.write_metadata(self.directory, model_config, lora)
+            if hf_passthrough and not os.path.exists(os.path.join(self.directory, orbax_io.HF_SUBDIR)):
+                shutil.copytree(hf_passthrough, os.path.join(self.directory, orbax_io.HF_SUBDIR))
+
+    def _check_compatible(self, model_config: ModelConfig, lora: Mapping[str, Any] | None) -> None:
+        config_path = os.path.join(self.directory, orbax_io.MODEL_CONFIG_FILE)
+        if not os.path.exists(config_path):
+            return
+        with open(config_path) as f:
+            stored = ModelConfig.from_json(f.read())
+        architecture = lambda c: c.replace(dtype="float32", param_dtype="float32", moe_impl="grouped",  # noqa: E731
+                                           moe_capacity_factor=None)
+        if architecture(stored) != architecture(model_config):
+            raise IncompatibleCheckpointError(
+                f"{self.directory} holds checkpoints of a different model ({config_path}); use another --workdir")
+        lora_path = os.path.join(self.directory, orbax_io.LORA_FILE)
+        stored_lora = json.load(open(lora_path)) if os.path.exists(lora_path) else {}
+        if set(stored_lora) != set(lora or {}):
+            raise IncompatibleCheckpointError(
+                f"{self.directory} holds checkpoints with different LoRA adapters ({lora_path}); use another --workdir")
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, *, params: Mapping, opt_state: Any, train_state: Mapping, force: bool = False) -> bool:
+        return self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            train_state=ocp.args.JsonSave(dict(train_state))), force=force)
+
+    def restore(self, step: int, *, params_target: Any, opt_state_target: Any) -> tuple[Any, Any, dict]:
+        """Targets are abstract trees (`jax.ShapeDtypeStruct` with shardings): arrays land on the current mesh,
+        whatever mesh saved them."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_state_target),
+                train_state=ocp.args.JsonRestore()))
+        except ValueError as err:
+            raise IncompatibleCheckpointError(
+                f"{self.directory}/{step}: cannot restore into this run's parameters/optimizer state (was the "
+                f"optimizer or LoRA setup changed?): {err}") from None
+        return restored.params, restored.opt_state, dict(restored.train_state)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

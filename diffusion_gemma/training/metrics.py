@@ -1,0 +1,70 @@
+"""Training metrics: a JSONL log and TensorBoard event files in the workdir, and the console progress bar.
+
+Only replicated scalars reach the host (one `jax.device_get` of a small dict per logged step); only process 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Mapping
+
+import jax
+
+# bf16 matmul peak of common accelerators (dense, per chip), for the MFU estimate.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
+              "TPU v4": 275e12, "TPU v6 lite": 918e12}
+
+
+def device_peak_flops() -> float | None:
+    kind = jax.devices()[0].device_kind
+    for name, flops in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return flops * jax.device_count()
+    return None
+
+
+def train_flops_per_token(config, *, prompt_tokens: float, canvas_tokens: float, lora: bool) -> float:
+    """Model FLOPs per optimizer-step token: 2 * active params per token and pass (encoder over the sequence,
+    two decoder passes over the canvas, pass 1 forward only), x3 for backward where it applies (LoRA skips
+    the weight gradients, ~x2). Attention scores are ignored (small at these lengths)."""
+    d, experts = config.hidden_size, config.top_k * 3 * d_expert(config)
+    attention = sum(d * config.num_heads * hd * 2 + d * kv * hd * (2 if t == "sliding_attention" else 1)
+                    for t, hd, kv in config.layer_specs)
+    dense = config.num_layers * (3 * d * config.intermediate_size + d * config.num_experts + experts)
+    active = attention + dense + d * config.vocab_size
+    backward = 2.0 if lora else 3.0
+    per_sequence = 2 * active * (prompt_tokens * backward + canvas_tokens * (1 + backward))
+    return per_sequence / max(prompt_tokens + canvas_tokens, 1)
+
+
+def d_expert(config) -> int:
+    return config.hidden_size * config.moe_intermediate_size
+
+
+class MetricsLogger:
+    def __init__(self, workdir: str, *, enabled: bool = True):
+        self.enabled = enabled and jax.process_index() == 0
+        self._jsonl = None
+        self._tensorboard = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            from tensorboardX import SummaryWriter
+
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else str(float(v))) for k, v in metrics.items()}
+        self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        for name, value in metrics.items():
+            self._tensorboard.add_scalar(name, float(value), step)
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._tensorboard.close()

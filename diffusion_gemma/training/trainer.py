@@ -1,0 +1,318 @@
+"""The SFT loop: one library function, `train(config, workdir)`, that the CLI and notebooks call.
+
+Flow: mesh -> model (random init born sharded, or imported HF / Orbax weights) [-> LoRA adapters] -> grain
+pipeline -> jitted step (objective over micro-batches with global-count normalisation -> grads -> optax) ->
+metrics (console bar, JSONL, TensorBoard) -> Orbax checkpoints (params, optimizer, step, data iterator).
+A resumed run reproduces the uninterrupted run's losses exactly: every example's randomness is keyed by its
+global index in the data stream, and the iterator state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from diffusion_gemma import sharding
+from diffusion_gemma.checkpoints import orbax_io
+from diffusion_gemma.config import ModelConfig
+from diffusion_gemma.data import pipeline
+from diffusion_gemma.diffusion import losses, objective
+from diffusion_gemma.diffusion.batching import SftBatch
+from diffusion_gemma.diffusion.corruption import CorruptionSettings
+from diffusion_gemma.model.transformer import DiffusionGemma
+from diffusion_gemma.training import checkpointing, lora as lora_lib, metrics as metrics_lib, optimizer as opt_lib
+from diffusion_gemma.training.config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    steps_run: int
+    final_step: int
+    losses: list[float]
+    history: list[dict[str, float]]
+
+
+# ----------------------------------------------------------------------------------------------- building
+def model_config_for(config: TrainConfig) -> ModelConfig:
+    section = config.model
+    overrides = dict(section.overrides, dtype=section.dtype, param_dtype=section.param_dtype, remat=section.remat)
+    if section.init_hf_dir:
+        return ModelConfig.from_hf_dir(section.init_hf_dir, **overrides)
+    if section.init_checkpoint:
+        stored = orbax_io.read_model_config(orbax_io.locate(section.init_checkpoint))
+        return stored.replace(**overrides)
+    preset = getattr(ModelConfig, section.preset, None)
+    if not callable(preset) or section.preset.startswith("_") or section.preset in ("build", "from_hf_config",
+                                                                                  "from_hf_dir", "from_json"):
+        raise ValueError(f"model.preset = {section.preset!r} is not a ModelConfig preset")
+    return preset(**overrides)
+
+
+def build_model(config: TrainConfig, model_config: ModelConfig, mesh) -> DiffusionGemma:
+    """Weights land directly in their shardings: random init inside one jitted initialiser, checkpoints read
+    tensor by tensor onto the mesh."""
+    if config.model.init_hf_dir:
+        from diffusion_gemma.checkpoints.hf import load_hf
+
+        model = load_hf(config.model.init_hf_dir, dtype=model_config.param_dtype, compute_dtype=model_config.dtype,
+                        mesh=mesh, **_config_overrides(model_config))
+    elif config.model.init_checkpoint:
+        model = orbax_io.load_model(config.model.init_checkpoint, mesh=mesh, param_dtype=model_config.param_dtype,
+                                    dtype=model_config.dtype)
+        model.config = model_config
+    else:
+        model = sharding.init_sharded(lambda: DiffusionGemma(model_config, rngs=nnx.Rngs(config.seed)), mesh)
+    lora_config = config.lora.to_lora_config()
+    if lora_config is not None:
+        lora_lib.apply_lora(model, lora_config, nnx.Rngs(config.seed + 1))
+        sharding.shard_model(model, mesh)
+    return model
+
+
+def _config_overrides(model_config: ModelConfig) -> dict:
+    return {"moe_impl": model_config.moe_impl, "moe_capacity_factor": model_config.moe_capacity_factor,
+            "remat": model_config.remat}
+
+
+def objective_settings(config: TrainConfig) -> objective.ObjectiveSettings:
+    section = config.objective
+    return objective.ObjectiveSettings(block_size=config.data.block_size,
+                                       corruption=CorruptionSettings(eps=section.noise_eps),
+                                       self_conditioning_probability=section.self_conditioning_probability,
+                                       ar_weight=section.ar_weight, ar_per_example=section.ar_per_example,
+                                       freeze_router=config.freeze_router and not config.lora.enabled)
+
+
+# ------------------------------------------------------------------------------------------------ the step
+def make_train_step(graphdef, trainable_template, rest_template, tx: optax.GradientTransformation,
+                    settings: objective.ObjectiveSettings, grad_accum_steps: int,
+                    schedule: Callable) -> Callable:
+    """(trainable, rest, opt_state, batch, rng, step) -> (trainable, opt_state, metrics). Trees are plain
+    nested dicts; `batch` is a dict of [B, ...] arrays. Micro-batches share the GLOBAL token counts, so the
+    accumulated loss and gradients equal those of the whole batch at once."""
+
+    def micro_loss(trainable, rest, micro: SftBatch, rng, counts):
+        params = checkpointing.tree_to_state(trainable_template, trainable)
+        frozen = checkpointing.tree_to_state(rest_template, rest)
+        return objective.micro_batch_loss_fn(graphdef, params, micro, rng, settings, counts, frozen)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def step_fn(trainable, rest, opt_state, batch, rng, step):
+        full = SftBatch(**batch)
+        counts = objective.loss_counts(full, rng, settings)
+        micro_batches = jax.tree.map(
+            lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), full)
+
+        def accumulate(carry, micro):
+            loss_sum, grads_sum, metric_sums = carry
+            (loss, metric), grads = grad_fn(trainable, rest, micro, rng, counts)
+            grads_sum = jax.tree.map(jnp.add, grads_sum, grads)
+            metric_sums = jax.tree.map(jnp.add, metric_sums, metric)
+            return (loss_sum + loss, grads_sum, metric_sums), None
+
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        metric_shapes = jax.eval_shape(lambda: micro_loss(trainable, rest, first, rng, counts)[1])
+        zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable),
+                 jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes))
+        (loss, grads, metric_sums), _ = jax.lax.scan(accumulate, zeros, micro_batches)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = losses.finalize_metrics(metric_sums)
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(step),
+                       scored_tokens=counts.diffusion.astype(jnp.float32))
+        return trainable, opt_state, metrics
+
+    return step_fn
+
+
+# ------------------------------------------------------------------------------------------------- the loop
+class _StopSignal:
+    """SIGTERM -> finish the current step, save a final checkpoint, exit cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no signal handling
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_workdir(workdir: str) -> None:
+    """Fail before any compute when the workdir cannot be written."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        raise TrainingError(f"workdir {workdir} is not writable: {err.strerror or err}") from None
+
+
+def _tokenizer_for(config: TrainConfig):
+    if config.data.source != "chat_jsonl":
+        return None
+    from diffusion_gemma.data.tokenizer import load_tokenizer
+
+    return load_tokenizer(config.data.tokenizer)
+
+
+def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, progress: bool = True,
+          devices: list | None = None) -> TrainResult:
+    """Train until `config.num_steps` (or `stop_after` more steps, for tests and drills), resuming from the
+    latest checkpoint in `workdir/checkpoints` if there is one. `devices` (default: all) span the mesh."""
+    _check_workdir(workdir)
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model_config = model_config_for(config)
+    settings = objective_settings(config)
+    source = pipeline.make_source(config.data, _tokenizer_for(config))
+
+    with jax.set_mesh(mesh):
+        model = build_model(config, model_config, mesh)
+        lora_meta = orbax_io.lora_metadata(model)
+        graphdef, trainable_state, rest_state = nnx.split(
+            model, opt_lib.trainable_filter(config.lora.enabled, config.freeze_router), ...)
+        trainable = checkpointing.state_to_tree(trainable_state)
+        rest = checkpointing.state_to_tree(rest_state)
+        trainable_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable_state)
+        rest_template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest_state)
+        schedule = opt_lib.learning_rate_schedule(config.optimizer, config.num_steps)
+        tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
+        opt_state = jax.jit(tx.init)(trainable)
+
+        checkpointer = checkpointing.TrainCheckpointer(
+            os.path.join(workdir, "checkpoints"), model_config=model_config, lora=lora_meta,
+            keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
+            hf_passthrough=_passthrough_dir(config))
+        data_iterator = iter(pipeline.make_dataset(source, config.data, num_steps=config.num_steps,
+                                                   process_index=jax.process_index(),
+                                                   process_count=jax.process_count()))
+        start_step = 0
+        latest = checkpointer.latest_step()
+        if latest is not None:
+            params_target = _abstract({**_deep_merge(trainable, rest)})
+            opt_target = _abstract(opt_state)
+            params, opt_state, train_state = checkpointer.restore(latest, params_target=params_target,
+                                                                  opt_state_target=opt_target)
+            trainable, rest = _split_like(params, trainable), _split_like(params, rest)
+            pipeline.restore_iterator_state(data_iterator, train_state["data_iterator"])
+            start_step = int(train_state["step"])
+
+        step_fn = jax.jit(make_train_step(graphdef, trainable_template, rest_template, tx, settings,
+                                          config.grad_accum_steps, schedule), donate_argnums=(0, 2))
+        logger = metrics_lib.MetricsLogger(workdir)
+        rng = jax.random.key(config.seed)
+        end_step = config.num_steps if stop_after is None else min(config.num_steps, start_step + stop_after)
+        flops_per_token = metrics_lib.train_flops_per_token(
+            model_config, prompt_tokens=config.data.seq_length, canvas_tokens=config.data.block_size,
+            lora=config.lora.enabled)
+        peak = metrics_lib.device_peak_flops()
+        history: list[dict[str, float]] = []
+        losses_seen: list[float] = []
+        bar = tqdm(total=end_step, initial=start_step, disable=not progress or jax.process_index() != 0,
+                   desc="train", unit="step", dynamic_ncols=True)
+        step = start_step
+        try:
+            with _StopSignal() as stop:
+                while step < end_step:
+                    host_batch = next(data_iterator)
+                    batch = _global_batch(host_batch, mesh)
+                    started = time.perf_counter()
+                    trainable, opt_state, step_metrics = step_fn(trainable, rest, opt_state, batch, rng,
+                                                                 jnp.asarray(step, jnp.int32))
+                    values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    elapsed = time.perf_counter() - started
+                    if not math.isfinite(values["loss"]):
+                        raise TrainingError(f"non-finite loss {values['loss']} at step {step + 1}; stopping. The "
+                                            f"last good checkpoint in {checkpointer.directory} is kept.")
+                    step += 1
+                    tokens = config.data.global_batch_size * (config.data.seq_length + config.data.block_size)
+                    values.update(step_time_s=elapsed, tokens_per_s=tokens / elapsed)
+                    if peak:
+                        values["mfu"] = flops_per_token * tokens / elapsed / peak
+                    losses_seen.append(values["loss"])
+                    history.append({"step": step, **values})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}")
+                    if step % config.log_every == 0 or step == end_step:
+                        logger.write(step, values)
+                    if step % config.checkpoint.every_steps == 0 or step == end_step or stop.requested:
+                        _save(checkpointer, step, trainable, rest, opt_state, data_iterator, force=stop.requested)
+                    if stop.requested:
+                        break
+        finally:
+            bar.close()
+            logger.close()
+            checkpointer.close()
+    return TrainResult(steps_run=step - start_step, final_step=step, losses=losses_seen, history=history)
+
+
+def _passthrough_dir(config: TrainConfig) -> str | None:
+    if config.model.init_hf_dir:
+        return None  # the hf/ passthrough of a raw HF directory is written by the converter's import
+    if config.model.init_checkpoint:
+        found = orbax_io.locate(config.model.init_checkpoint).find(orbax_io.HF_SUBDIR)
+        return found
+    return None
+
+
+def _save(checkpointer, step, trainable, rest, opt_state, data_iterator, *, force: bool) -> None:
+    checkpointer.save(step, params=_deep_merge(trainable, rest), opt_state=opt_state,
+                      train_state={"step": step, "data_iterator": pipeline.iterator_state_json(data_iterator)},
+                      force=force)
+
+
+def _global_batch(host_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Process-local rows -> one global array per feature, split over the mesh's batch axes."""
+    out = {}
+    for name, local in host_batch.items():
+        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        spec = sharding.batch_spec(mesh, global_shape)
+        out[name] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), local,
+                                                           global_shape)
+    return out
+
+
+def _abstract(tree: Any) -> Any:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = _deep_merge(out[key], value) if key in out and isinstance(value, dict) else value
+    return out
+
+
+def _split_like(tree: dict, template: dict) -> dict:
+    return {key: _split_like(tree[key], value) if isinstance(value, dict) else tree[key]
+            for key, value in template.items()}

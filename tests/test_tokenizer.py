@@ -1,0 +1,110 @@
+"""Tokenizer loaders and Gemma 4 chat rendering, on tiny tokenizers trained here (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from diffusion_gemma.data.tokenizer import (TURN_END, TURN_START, HuggingFaceTokenizer, SentencePieceTokenizer,
+                                            TokenizerError, chat_prompt_ids, load_tokenizer)
+
+CORPUS = ["the sky is blue because of rayleigh scattering", "why is the sky blue", "sudoku puzzles have rules",
+          "hello world", "the model answers the user", "blue green red yellow"] * 4
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", TURN_START, TURN_END]
+
+
+def build_hf_tokenizer(directory: str) -> str:
+    """A byte-level BPE tokenizer.json with Gemma's special tokens at ids 0..5 (pad, eos, bos, unk, turn markers)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS, trainer)
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "tokenizer.json")
+    tokenizer.save(path)
+    return path
+
+
+def build_sentencepiece(directory: str) -> str:
+    """A BPE sentencepiece model set up like Gemma's: identity normalisation, no dummy prefix, byte fallback."""
+    import sentencepiece
+
+    os.makedirs(directory, exist_ok=True)
+    prefix = os.path.join(directory, "tokenizer")
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_prefix=prefix, vocab_size=300, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=[TURN_START, TURN_END],
+        character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, byte_fallback=True, minloglevel=2)
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="module")
+def hf_path(tmp_path_factory):
+    return build_hf_tokenizer(str(tmp_path_factory.mktemp("hf_tok")))
+
+
+@pytest.fixture(scope="module")
+def sp_path(tmp_path_factory):
+    return build_sentencepiece(str(tmp_path_factory.mktemp("sp_tok")))
+
+
+def test_huggingface_tokenizer_ids_and_round_trip(hf_path):
+    tok = load_tokenizer(os.path.dirname(hf_path))
+    assert isinstance(tok, HuggingFaceTokenizer)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+    assert tok.token_to_id(TURN_START) == 4 and tok.token_to_id(TURN_END) == 5
+    assert tok.token_to_id("<no such token>") is None
+    text = "why is the sky blue"
+    ids = tok.encode(text)
+    assert tok.bos_id not in ids  # encode adds no special tokens
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id]) == text  # specials skipped
+    assert tok.vocab_size >= 6
+
+
+def test_sentencepiece_tokenizer_ids_and_round_trip(sp_path):
+    tok = load_tokenizer(sp_path)
+    assert isinstance(tok, SentencePieceTokenizer)
+    assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+    assert tok.token_to_id(TURN_START) == 4 and tok.token_to_id(TURN_END) == 5
+    assert tok.token_to_id("<no such token>") is None
+    text = "the sky is blue"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode([tok.bos_id] + ids + [tok.eos_id, tok.pad_id]) == text
+
+
+@pytest.mark.parametrize("kind", ["hf", "sp"])
+def test_chat_rendering_matches_the_full_template(kind, hf_path, sp_path):
+    """Placing the turn markers by id equals tokenizing the rendered single-turn template in one go."""
+    tok = load_tokenizer(hf_path if kind == "hf" else sp_path)
+    prompt = "why is the sky blue"
+    ids = chat_prompt_ids(tok, prompt)
+    rendered = f"{TURN_START}user\n{prompt}{TURN_END}\n{TURN_START}model\n"
+    assert ids == [tok.bos_id] + tok.encode(rendered)
+    assert ids[:2] == [tok.bos_id, tok.token_to_id(TURN_START)]
+    assert ids.count(tok.token_to_id(TURN_START)) == 2 and ids.count(tok.token_to_id(TURN_END)) == 1
+    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "").startswith(
+        ("<bos>" if kind == "hf" else "") + TURN_START)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    bad = tmp_path / "tokenizer.json"
+    bad.write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_special_ids_can_be_given(hf_path):
+    tok = load_tokenizer(hf_path, eos_id=5)
+    assert tok.eos_id == 5
+    with pytest.raises(TokenizerError, match="no '<start_of_turn>' token"):
+        tok.require_id("<start_of_turn>")
