@@ -1,7 +1,7 @@
 """`python -m diffusion_gemma.convert`: HuggingFace safetensors <-> our Orbax checkpoints, streamed.
 
     python -m diffusion_gemma.convert import-hf --hf_dir=DIR --output=CKPT [--dtype=bfloat16|float32]
-    python -m diffusion_gemma.convert export-hf --checkpoint=CKPT --output=DIR [--base_hf_dir=DIR] \
+    python -m diffusion_gemma.convert export-hf --checkpoint=CKPT --output=DIR [--base_hf_dir=DIR]
         [--merge_lora] [--max_shard_size=5GB] [--dtype=bfloat16|float32]
 
 Both refuse an existing output unless --overwrite, and write into a temporary sibling renamed at the end.
@@ -14,17 +14,20 @@ from absl import app, flags, logging
 
 from diffusion_gemma.config import DTYPES, ConfigError
 
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "import-hf: HuggingFace directory (model.safetensors or shards + index).")
+_HF_DIR = flags.DEFINE_string("hf_dir", None,
+                              "import-hf: HuggingFace directory (model.safetensors, or shards + index).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "export-hf: our checkpoint (or a CheckpointManager root).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output directory (refused if it exists, unless --overwrite).")
 _DTYPE = flags.DEFINE_enum("dtype", None, list(DTYPES),
-                           "Text tensor dtype. import-hf default: as stored; export-hf default: the dtype the "
-                           "original config.json declares, else as stored.")
+                           "Text tensor dtype. import-hf default: as stored; export-hf default: each tensor's "
+                           "dtype in the original HF checkpoint, else the dtype its config.json declares, else as "
+                           "stored.")
 _BASE_HF_DIR = flags.DEFINE_string("base_hf_dir", None,
                                    "export-hf: HuggingFace directory (or checkpoint) supplying config.json, the vision "
                                    "tower and tokenizer files instead of the checkpoint's hf/ passthrough.")
 _MERGE_LORA = flags.DEFINE_bool("merge_lora", False, "export-hf: merge LoRA adapters into the base weights.")
-_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB", "export-hf: largest safetensors shard (5GB, 500MB, ...).")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", "5GB",
+                                      "export-hf: largest safetensors shard (5GB, 500MB, ...).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 

@@ -3,10 +3,9 @@
 import os
 import tempfile
 
-# 8 fake CPU devices for the mesh tests; LLVM optimisation off because the suite is dominated by compiling
-# tiny programs (same float semantics: XLA CPU never enables fast-math reassociation).
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0").strip()
+# 8 fake CPU devices for the mesh tests. (LLVM optimisation level 0 would compile faster, but it also drops
+# FMA contraction and moved one encoder hidden state of the parity tests past its rounding bound.)
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -441,11 +441,14 @@ def test_shard_planning_and_sizes():
 
 def test_no_pickle_anywhere():
     """The converter reads and writes only safetensors, Orbax (zarr/OCDBT) and JSON."""
-    import diffusion_gemma.checkpoints as package
-    import diffusion_gemma.convert as cli
+    import importlib.util
 
+    import diffusion_gemma.checkpoints as package
+
+    # The CLI is located, not imported: its absl flags would clash with another CLI's in this process.
+    cli_file = importlib.util.find_spec("diffusion_gemma.convert").origin
     files = [os.path.join(os.path.dirname(package.__file__), n) for n in os.listdir(os.path.dirname(package.__file__))
-             if n.endswith(".py")] + [cli.__file__]
+             if n.endswith(".py")] + [cli_file]
     for path in files:
         text = open(path).read()
         for needle in ("import pickle", "torch.load", "allow_pickle=True", "np.load("):

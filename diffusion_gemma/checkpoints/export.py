@@ -69,8 +69,8 @@ def export_hf(checkpoint: str, output: str, *, base_hf_dir: str | None = None, m
     if base_hf_dir is None:
         passthrough = ckpt.find(orbax_io.HF_SUBDIR)
         if passthrough is None:
-            raise CheckpointError(f"{checkpoint}: the checkpoint has no {orbax_io.HF_SUBDIR}/ passthrough (config.json, "
-                                  "vision tower, tokenizer); pass --base_hf_dir")
+            raise CheckpointError(f"{checkpoint}: the checkpoint has no {orbax_io.HF_SUBDIR}/ passthrough "
+                                  "(config.json, vision tower, tokenizer); pass --base_hf_dir")
         extra = streaming.extra_tensor_source(passthrough)
     else:
         passthrough, extra = streaming.passthrough_sources(base_hf_dir)
@@ -103,9 +103,9 @@ def _export(config: ModelConfig, source, lora: Mapping[str, Any], passthrough: s
         orbax_io.check_leaves(orbax_io.expected_leaves(config), stored, where)
         adapters = _adapters(stored, lora, where)
         if adapters and not merge_lora:
-            raise CheckpointError(f"{where}: has LoRA adapters {orbax_io.first_keys(sorted(map(orbax_io.path_key, adapters)))}; "
-                                  "the HuggingFace format has no place for them: pass --merge_lora to merge them into "
-                                  "the base weights")
+            names = sorted(orbax_io.path_key(a["adapter"]) for a in adapters.values())
+            raise CheckpointError(f"{where}: has LoRA adapters {orbax_io.first_keys(names)}; the HuggingFace format "
+                                  "has no place for them: pass --merge_lora to merge them into the base weights")
         template = _read_json(os.path.join(passthrough, CONFIG_FILE))
         mappings = list(tensor_mappings(config))
         out_dtypes = _export_dtypes(mappings, source, dtype, streaming.original_text_dtypes(passthrough, extra),
@@ -118,7 +118,7 @@ def _export(config: ModelConfig, source, lora: Mapping[str, Any], passthrough: s
         names = shard_file_names(len(shards))
         total = sum(item.nbytes for item in entries)
         bar = streaming.Progress(total, "export-hf", progress)
-        with streaming.atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+        with bar, streaming.atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
 
             def pieces():
                 for shard_index, shard in enumerate(shards):
@@ -131,15 +131,20 @@ def _export(config: ModelConfig, source, lora: Mapping[str, Any], passthrough: s
                             yield shard_index, item.key, block
 
             writers: list[SafetensorsWriter] = []
+
+            def open_until(shard_index: int) -> None:
+                while len(writers) <= shard_index:
+                    if writers:
+                        writers[-1].close()
+                    writers.append(SafetensorsWriter(os.path.join(tmp, names[len(writers)]), shards[len(writers)]))
+
             try:
                 # Reading and transforming the next pieces (a thread) overlaps with writing the last ones.
                 for shard_index, key, block in orbax_io.prefetched(pieces()):
-                    if shard_index == len(writers):
-                        if writers:
-                            writers[-1].close()
-                        writers.append(SafetensorsWriter(os.path.join(tmp, names[shard_index]), shards[shard_index]))
+                    open_until(shard_index)
                     writers[-1].write(key, block)
                     bar.update(block.nbytes)
+                open_until(len(shards) - 1)
                 if writers:
                     writers[-1].close()
             except BaseException:

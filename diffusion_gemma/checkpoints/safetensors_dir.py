@@ -398,6 +398,8 @@ class SafetensorsWriter:
             self._index += 1
 
     def write(self, key: str, data) -> None:
+        if not (data.nbytes if isinstance(data, np.ndarray) else memoryview(data).nbytes):
+            return
         if self._index >= len(self.entries) or self.entries[self._index].key != key:
             expected = self.entries[self._index].key if self._index < len(self.entries) else "nothing"
             raise CheckpointError(f"{self.path}: got data for {key!r}, expected {expected}")

@@ -119,8 +119,15 @@ class Progress:
         self._bar.update(count)
 
     def close(self) -> float:
+        """Close the bar (idempotent); returns the seconds since the start."""
         self._bar.close()
         return time.perf_counter() - self.start
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._bar.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,7 +288,7 @@ def import_hf(hf_dir: str, output: str, *, dtype: str | None = None, overwrite: 
         extra = ordered_extra_keys(source)
         total = sum(leaf.nbytes for leaf in leaves.values()) + sum(source.info(k).nbytes for k in extra)
         bar = Progress(total, "import-hf", progress)
-        with atomic_output(output, overwrite=overwrite, inputs=[hf_dir]) as tmp:
+        with bar, atomic_output(output, overwrite=overwrite, inputs=[hf_dir]) as tmp:
             orbax_io.write_metadata(tmp, config)
             hf_out = os.path.join(tmp, orbax_io.HF_SUBDIR)
             copy_passthrough(hf_dir, hf_out)
@@ -342,7 +349,7 @@ def save_model(model: nnx.Module, output: str, *, hf_dir: str | None = None, ove
     total = sum(x.nbytes for x in leaves.values()) + sum(extra_source.info(k).nbytes for k in extra)
     bar = Progress(total, "save", progress)
     try:
-        with atomic_output(output, overwrite=overwrite, inputs=[hf_dir] if hf_dir else []) as tmp:
+        with bar, atomic_output(output, overwrite=overwrite, inputs=[hf_dir] if hf_dir else []) as tmp:
             orbax_io.write_metadata(tmp, model.config, orbax_io.lora_metadata(model))
             if passthrough is not None:
                 hf_out = os.path.join(tmp, orbax_io.HF_SUBDIR)
@@ -375,7 +382,8 @@ def passthrough_sources(hf_dir: str | None) -> tuple[str | None, SafetensorsDir 
             ckpt = None
         passthrough = ckpt.find(orbax_io.HF_SUBDIR) if ckpt else None
         if passthrough is None:
-            raise CheckpointError(f"{hf_dir}: neither a HuggingFace directory nor a checkpoint with {orbax_io.HF_SUBDIR}/")
+            raise CheckpointError(f"{hf_dir}: neither a HuggingFace directory nor a checkpoint with "
+                                  f"{orbax_io.HF_SUBDIR}/")
         return passthrough, extra_tensor_source(passthrough)
     return hf_dir, SafetensorsDir(hf_dir)
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 from typing import Iterable
 
-from absl import app, flags
+import argparse
 
 from diffusion_gemma.data.chat import TURN_END, TURN_START, read_chat_jsonl
 
@@ -49,18 +49,16 @@ def write_tokenizer(input_path: str, output_path: str, vocab_size: int, *, overw
     os.replace(tmp.name, output_path)
 
 
-_INPUT = flags.DEFINE_string("input", None, "chat JSONL to learn the vocabulary from")
-_OUTPUT = flags.DEFINE_string("output", None, "tokenizer.json to write")
-_VOCAB = flags.DEFINE_integer("vocab_size", 512, "vocabulary size")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "replace an existing output")
-
-
-def main(argv):
-    del argv
-    write_tokenizer(_INPUT.value, _OUTPUT.value, _VOCAB.value, overwrite=_OVERWRITE.value)
-    print(f"wrote {_OUTPUT.value}")
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--input", required=True, help="chat JSONL to learn the vocabulary from")
+    parser.add_argument("--output", required=True, help="tokenizer.json to write")
+    parser.add_argument("--vocab_size", type=int, default=512, help="vocabulary size")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = parser.parse_args(argv)
+    write_tokenizer(args.input, args.output, args.vocab_size, overwrite=args.overwrite)
+    print(f"wrote {args.output}")
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["input", "output"])
-    app.run(main)
+    main()

@@ -63,7 +63,8 @@ def write_synthetic(hf_dir: str, max_shard_size: int, seed: int = 0) -> dict:
         writer = SafetensorsWriter(os.path.join(hf_dir, name), shard)
         for item in shard:
             for start in range(0, item.nbytes, BLOCK):
-                writer.write(item.key, random_bf16_bits(rng, min(BLOCK, item.nbytes - start) // 2).view(ml_dtypes.bfloat16))
+                bits = random_bf16_bits(rng, min(BLOCK, item.nbytes - start) // 2)
+                writer.write(item.key, bits.view(ml_dtypes.bfloat16))
         writer.close()
     if len(shards) > 1:
         write_index(hf_dir, shards, names)
