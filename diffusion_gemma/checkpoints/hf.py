@@ -27,11 +27,11 @@ def _flat_variables(model: nnx.Module) -> dict[tuple, nnx.Variable]:
     return {path: variable for path, variable in nnx.iter_graph(model) if isinstance(variable, nnx.Variable)}
 
 
-def check_text_keys(config: ModelConfig, available: set[str], source: str) -> None:
-    """Every text tensor present, nothing unexpected under the text prefixes; errors name the keys."""
+def check_text_keys(config: ModelConfig, available: set[str], source: str, is_text=is_text_key) -> None:
+    """Every text tensor present, nothing unexpected among the keys `is_text` claims; errors name the keys."""
     expected = {m.hf_key for m in tensor_mappings(config)}
     missing = sorted(expected - available)
-    unexpected = sorted(k for k in available - expected if is_text_key(k))
+    unexpected = sorted(k for k in available - expected if is_text(k))
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
     if unexpected:

@@ -28,6 +28,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from diffusion_gemma.checkpoints import hf_keys, orbax_io
+from diffusion_gemma.checkpoints.hf import check_text_keys
 from diffusion_gemma.checkpoints.hf_keys import TensorMapping, tensor_mappings
 from diffusion_gemma.checkpoints.safetensors_dir import (INDEX_FILE, CheckpointError, SafetensorsDir,
                                                          SafetensorsWriter, entry)
@@ -195,14 +196,7 @@ def check_hf_tensors(config: ModelConfig, source: SafetensorsDir) -> list[Tensor
     """Every text tensor present with its expected shape, no unexpected text-side tensor; errors name the key
     (and the file and both shapes for a mis-shaped one). Returns the mappings in table order."""
     mappings = list(tensor_mappings(config))
-    expected = {m.hf_key for m in mappings}
-    available = set(source.keys())
-    missing = sorted(expected - available)
-    unexpected = sorted(k for k in available - expected if is_text_side(k))
-    if missing:
-        raise CheckpointError(f"{source.hf_dir}: missing tensor(s) {orbax_io.first_keys(missing)}")
-    if unexpected:
-        raise CheckpointError(f"{source.hf_dir}: unexpected tensor(s) {orbax_io.first_keys(unexpected)}")
+    check_text_keys(config, set(source.keys()), source.hf_dir, is_text=is_text_side)
     for mapping in mappings:
         info = source.info(mapping.hf_key)
         if info.shape != mapping.hf_shape:

@@ -7,6 +7,7 @@ such as `<|turn>`, are recognised as such. `load_tokenizer(path)` takes a file o
 
 from __future__ import annotations
 
+import abc
 import os
 from typing import Iterable, Sequence
 
@@ -25,7 +26,7 @@ class TokenizerError(ValueError):
     """A tokenizer file that cannot be used (missing, unknown format, or lacking a needed token)."""
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """encode(text) -> ids, decode(ids) -> text, the bos/eos/pad ids and a vocabulary lookup."""
 
     bos_id: int
@@ -33,17 +34,21 @@ class Tokenizer:
     pad_id: int
 
     @property
+    @abc.abstractmethod
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
+    @abc.abstractmethod
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
+    @abc.abstractmethod
     def token_to_id(self, token: str) -> int | None:
-        raise NotImplementedError
+        """Implemented by each tokenizer backend."""
 
     def require_id(self, token: str) -> int:
         token_id = self.token_to_id(token)
