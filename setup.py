@@ -28,7 +28,14 @@ setup(
     "tensorboardX>=2.6",
     ],
     extras_require={
-        # Reference-parity tests run the transformers implementation on the CPU build of torch.
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.23", "torch==2.13.0"],
+        # Reference-parity tests run the transformers implementation on the CPU build of torch; the Sudoku plot
+        # tests need matplotlib; tests/test_colabs.py executes the notebooks with nbclient on an ipykernel.
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.23", "torch==2.13.0", "matplotlib>=3.8",
+                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+        # experiments/sudoku/plots.py (diffusion_gemma.evaluation.plotting).
+        "plots": ["matplotlib>=3.8"],
+        # What the notebooks in colabs/ import besides this package (Colab preinstalls them): plots, and
+        # transformers + torch to write and check checkpoints in convert_checkpoint.ipynb.
+        "notebooks": ["matplotlib>=3.8", "transformers>=5.23", "torch"],
     },
 )

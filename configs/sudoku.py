@@ -1,32 +1,108 @@
-"""The Sudoku experiment, the toolkit's main job: train a small DiffusionGemma from scratch on generated puzzles.
+"""The Sudoku experiment, the toolkit's main job (experiments/sudoku/README.md has the results).
 
-  python -m diffusion_gemma.train --config=configs/sudoku.py --workdir=/tmp/sudoku
+  python -m diffusion_gemma.train --config=configs/sudoku.py --workdir=/tmp/sudoku              # CPU, minutes
+  python -m diffusion_gemma.train --config=configs/sudoku.py:gpu --workdir=/tmp/sudoku_gpu      # 1 accelerator
+  python -m diffusion_gemma.train --config=configs/sudoku.py:finetune --workdir=/tmp/sudoku_ft \\
+      --config.model.init_hf_dir=/path/to/diffusiongemma-26B-A4B-it                             # 8 accelerators
+  python -m diffusion_gemma.train --config=configs/sudoku.py:finetune_tiny --workdir=/tmp/sudoku_ft_tiny \\
+      --config.model.init_hf_dir=/path/to/tiny_hf_dir                                           # CPU smoke run
 
-The default is CPU-sized: the tiny 7-layer model (shared stack, MoE) on the compact character format (prompt =
-`<bos>` + 81 puzzle cells, canvas = the 81 solution cells), puzzles with 30-50 givens generated on the fly from
-the training side of the split rule (the public benchmark sets are never used for training).
+Variants:
+- default: the `tiny` preset's widths (7 layers, shared stack, 8-expert MoE) trained from scratch on CPU in the
+  compact character format (prompt = `<bos>` + 81 cells, canvas = the 81 solution cells) on puzzles generated
+  on the fly from the TRAIN side of the split rule; evaluated during training on held-out generated puzzles.
+- `gpu`: `ModelConfig.sudoku_small()` from scratch, the same data, sized for about one accelerator-hour.
+- `finetune`: Hackable Diffusion's `sft_sudoku` LoRA recipe for the released 26B checkpoint (rank 8 on all
+  linear layers, one 256-token canvas, 2,000 steps, lr 1.5e-4 with 100 warm-up steps and cosine to 1.5e-5,
+  Adam 0.95/0.99, weight decay 1e-4, clip 1.0), chat prompt format, expert parallel over 8 devices.
+- `finetune_tiny`: the `finetune` code path (HF import, LoRA on all linear layers incl. the experts, chat format
+  with the checkpoint's tokenizer, expert-parallel mesh) sized for a CPU smoke run on a tiny HF directory: fp32,
+  no remat, 4 steps of batch 8, one 96-token canvas after prompts of up to 352 tokens. The directory needs a
+  tokenizer.json with digits and the turn markers (configs/data/tiny_tokenizer.json works), a vocabulary
+  covering it, `canvas_length` = 96 (= data.block_size; set both to change it), and a number of experts
+  divisible by the devices on the 'expert' axis (`--config.mesh.expert`).
+The public benchmark sets are never used for training.
 """
 
 import ml_collections
 
+from diffusion_gemma.training import lora as lora_targets
+
+VARIANTS = ("", "gpu", "finetune", "finetune_tiny")
+# LoRA on every linear layer: attention, dense MLP, router, self-conditioning MLP and the experts (grouped per
+# expert, sharded with them).
+ALL_LINEAR = lora_targets.ALL_LINEAR_TARGETS + lora_targets.EXPERTS
+
+
+def _compact(config: ml_collections.ConfigDict, *, preset: str, overrides: dict) -> None:
+    config.model = dict(preset=preset, overrides=overrides, dtype="float32", param_dtype="float32", remat="none",
+                        init_hf_dir="", init_checkpoint="")
+    config.data = dict(source="sudoku", sudoku_format="compact", seq_length=163, block_size=81,
+                       global_batch_size=16, shuffle_seed=0, num_synthetic_examples=200_000, sudoku_min_givens=35,
+                       sudoku_max_givens=60)
+
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    if variant:
-        raise ValueError(f"unknown variant {variant!r} of configs/sudoku.py (none yet)")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of configs/sudoku.py (valid: {VARIANTS})")
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.num_steps = 300
     config.grad_accum_steps = 1
-    config.log_every = 25
     config.freeze_router = False  # from scratch: the router must learn too
-    config.model = dict(preset="tiny", overrides={"vocab_size": 16, "canvas_length": 81}, dtype="float32",
-                        param_dtype="float32", remat="none", init_hf_dir="", init_checkpoint="")
-    config.optimizer = dict(learning_rate=3e-3, end_learning_rate=3e-4, warmup_steps=20, b1=0.95, b2=0.99,
-                            eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
-    config.lora = dict(enabled=False)
-    config.data = dict(source="sudoku", seq_length=163, block_size=81, global_batch_size=16, shuffle_seed=0,
-                       num_synthetic_examples=4800, sudoku_min_givens=30, sudoku_max_givens=50)
     config.objective = dict(noise_eps=1e-3, self_conditioning_probability=0.5, ar_weight=1.0)
+    config.lora = dict(enabled=False)
     config.mesh = dict(data=-1, expert=1)
-    config.checkpoint = dict(every_steps=100, keep=2, async_save=True)
+    config.checkpoint = dict(every_steps=200, keep=2, async_save=True)
+    config.evaluation = dict(every_steps=400, kind="sudoku", num_examples=64, batch_size=32, seed=1234,
+                             min_givens=35, max_givens=60, max_denoising_steps=32, greedy=True)
+
+    if variant == "":
+        config.num_steps = 800
+        config.log_every = 25
+        _compact(config, preset="tiny", overrides={"vocab_size": 16, "canvas_length": 81, "sliding_window": 256})
+        config.optimizer = dict(learning_rate=3e-3, end_learning_rate=3e-4, warmup_steps=50, b1=0.95, b2=0.99,
+                                eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
+    elif variant == "gpu":
+        config.num_steps = 20_000
+        config.log_every = 100
+        _compact(config, preset="sudoku_small", overrides={})
+        config.model.dtype = "bfloat16"
+        config.data.global_batch_size = 128
+        config.data.num_synthetic_examples = 2_560_000
+        config.optimizer = dict(learning_rate=1e-3, end_learning_rate=1e-4, warmup_steps=500, b1=0.95, b2=0.99,
+                                eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
+        config.checkpoint.every_steps = 2000
+        config.evaluation.every_steps = 2000
+        config.evaluation.num_examples = 256
+        config.evaluation.batch_size = 128
+    else:  # finetune(_tiny): the released checkpoint, LoRA, chat format
+        config.num_steps = 2000
+        config.log_every = 10
+        config.freeze_router = True
+        config.model = dict(preset="gemma4_26b_a4b", overrides={"moe_impl": "expert_parallel"}, dtype="bfloat16",
+                            param_dtype="bfloat16", remat="full", init_hf_dir="", init_checkpoint="")
+        config.lora = dict(enabled=True, rank=8, alpha=16.0, targets=list(ALL_LINEAR))
+        config.data = dict(source="sudoku", sudoku_format="chat", tokenizer="", seq_length=512, block_size=256,
+                           global_batch_size=8, shuffle_seed=0, num_synthetic_examples=16_000, sudoku_min_givens=20,
+                           sudoku_max_givens=60)
+        config.optimizer = dict(learning_rate=1.5e-4, end_learning_rate=1.5e-5, warmup_steps=100, b1=0.95, b2=0.99,
+                                eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
+        config.mesh = dict(data=1, expert=-1)
+        config.checkpoint.every_steps = 500
+        config.evaluation.every_steps = 500
+        config.evaluation.batch_size = 8
+        if variant == "finetune_tiny":
+            _tiny_finetune(config)
     return ml_collections.ConfigDict(config)
+
+
+def _tiny_finetune(config: ml_collections.ConfigDict) -> None:
+    """The finetune recipe's code path at CPU scale (see the module docstring for what the HF dir needs)."""
+    config.num_steps = 4
+    config.log_every = 1
+    config.model.update(dtype="float32", param_dtype="float32", remat="none")
+    config.data.update(seq_length=448, block_size=96, num_synthetic_examples=64, sudoku_min_givens=30,
+                       sudoku_max_givens=50)
+    config.optimizer.update(learning_rate=1e-2, end_learning_rate=1e-3, warmup_steps=1)
+    config.checkpoint.update(every_steps=2, keep=2, async_save=False)
+    config.evaluation.update(every_steps=4, num_examples=4, batch_size=4, max_denoising_steps=4)

@@ -120,6 +120,8 @@ def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...]
             chosen.append(axis)
         used.update(chosen)
         spec[dim] = None if not chosen else chosen[0] if len(chosen) == 1 else tuple(chosen)
+    while spec and spec[-1] is None:  # canonical form: jit returns P() for P(None, None), and its cache
+        spec.pop()                    # would otherwise compile a step twice
     return P(*spec)
 
 
@@ -209,6 +211,24 @@ def batch_spec(mesh: Mesh | jax.sharding.AbstractMesh, shape: tuple[int, ...]) -
         return P()
     axes = batch_axes(mesh, shape[0])
     return P(axes if axes else None)
+
+
+def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+    """Rows [start, stop) of a global batch that this process's devices hold under `batch_spec`: what its input
+    pipeline must load so that the global batch, assembled with `jax.make_array_from_process_local_data`, has
+    the same rows in the same order as a single-process run's (all rows when the batch is replicated)."""
+    sharding = NamedSharding(mesh, batch_spec(mesh, (batch_size,)))
+    blocks = sorted({index[0].indices(batch_size)[:2]
+                     for index in sharding.addressable_devices_indices_map((batch_size,)).values()})
+    if not blocks:
+        raise ShardingError(f"process {jax.process_index()} has no device in the mesh")
+    start, stop = blocks[0]
+    for block_start, block_stop in blocks[1:]:
+        if block_start > stop:
+            raise ShardingError(f"process {jax.process_index()} holds rows {blocks} of the batch of {batch_size}, "
+                                "not one contiguous block: order the mesh's devices process by process")
+        stop = max(stop, block_stop)
+    return start, stop
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

@@ -14,26 +14,18 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from diffusion_gemma import distributed
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path.py[:variant]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard files go "
                                "(default: /tmp/diffusion_gemma/<config name>).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a manual multi-host "
-                                   "launch (TPU pods and SLURM are detected automatically).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 for a manual multi-process "
+                                   "launch (TPU slices, SLURM and Open MPI are detected automatically).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a manual launch.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch (0: the one that "
+                                   "writes metrics and checkpoint metadata).")
 flags.mark_flags_as_required(["config"])
-
-
-def initialize_distributed() -> None:
-    """Explicit flags win; otherwise let JAX detect TPU pods / SLURM; a plain single process does nothing."""
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                                   process_id=_PROCESS_ID.value)
-    elif "SLURM_JOB_ID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
-    elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
-        jax.distributed.initialize()
 
 
 def default_workdir(config_path: str) -> str:
@@ -46,7 +38,10 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO; pass --verbosity=0 to see it
-    initialize_distributed()
+    try:
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except distributed.DistributedSetupError as err:
+        raise app.UsageError(str(err)) from None
     from diffusion_gemma.training.config import from_config_dict
     from diffusion_gemma.training.trainer import train
 
@@ -55,7 +50,10 @@ def main(argv):
     workdir = _WORKDIR.value or default_workdir(config_arg)
     logging.info("jax %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.devices())
-    print(f"workdir: {workdir}; {jax.device_count()} device(s): {jax.devices()[0].device_kind}", flush=True)
+    if jax.process_index() == 0:
+        processes = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        print(f"workdir: {workdir}; {jax.device_count()} device(s){processes}: {jax.devices()[0].device_kind}",
+              flush=True)
     result = train(config, workdir)
     last = result.history[-1] if result.history else {}
     if jax.process_index() == 0:

@@ -243,8 +243,8 @@ def test_module_with_expert_lora_sharded_on_expert_axis_matches_dense():
                     mask.reshape(shape[:2]))
     mesh = make_mesh((2, 4))
     parallel = sharding.shard_model(_moe_module("expert_parallel", lora=True), mesh)
-    assert parallel.gate_up_proj_lora.a.get_value().sharding.spec == P("expert", "data", None)
-    assert parallel.gate_up_proj_lora.b.get_value().sharding.spec == P("expert", None, None)
+    assert parallel.gate_up_proj_lora.a.get_value().sharding.spec == P("expert", "data")
+    assert parallel.gate_up_proj_lora.b.get_value().sharding.spec == P("expert")
     assert parallel.down_proj_lora.b.get_value().sharding.spec == P("expert", None, "data")
     with jax.set_mesh(mesh):
         out = call(parallel, residual.reshape(shape), normed.reshape(shape), mask.reshape(shape[:2]))

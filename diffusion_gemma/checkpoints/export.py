@@ -86,6 +86,7 @@ def export_model(model: nnx.Module, output: str, *, base_hf_dir: str, merge_lora
     """An in-memory (possibly sharded) model -> a HuggingFace directory; `base_hf_dir` (an HF directory or one
     of our checkpoints) supplies the passthrough. Each tensor is gathered to the host on its own."""
     streaming.check_output(output, overwrite=overwrite, inputs=[base_hf_dir])
+    streaming.require_local(model, "export_model")
     passthrough, extra = streaming.passthrough_sources(base_hf_dir)
     return _export(model.config, _ModelSource(model), orbax_io.lora_metadata(model), passthrough, extra, output,
                    where="model", merge_lora=merge_lora, max_shard_size=max_shard_size, dtype=dtype,

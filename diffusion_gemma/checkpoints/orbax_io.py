@@ -164,6 +164,7 @@ def locate(checkpoint: str) -> CheckpointDir:
     """A checkpoint directory, or a CheckpointManager root (its latest numeric step that has `params/`)."""
     if not os.path.isdir(checkpoint):
         raise CheckpointError(f"{checkpoint}: no such checkpoint directory")
+    checkpoint = os.path.abspath(checkpoint)  # Orbax reads no tree metadata through a relative path
     if os.path.isdir(os.path.join(checkpoint, PARAMS_ITEM)):
         return CheckpointDir(checkpoint, checkpoint)
     steps = [int(name) for name in os.listdir(checkpoint)
@@ -199,9 +200,13 @@ def read_lora(ckpt: CheckpointDir) -> dict[str, dict[str, Any]]:
 
 
 def write_json(path: str, data: Any) -> None:
-    with open(path, "w") as f:
+    """Written to a temporary sibling and renamed, so that a concurrent reader (another process of a multi-host
+    run checking a resumed workdir) sees the old file or the new one, never a partial one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
         f.write(data if isinstance(data, str) else json.dumps(data, indent=2, sort_keys=True))
         f.write("\n")
+    os.replace(tmp, path)
 
 
 def write_metadata(directory: str, config: ModelConfig, lora: Mapping[str, Any] | None = None) -> None:

@@ -325,6 +325,7 @@ def save_model(model: nnx.Module, output: str, *, hf_dir: str | None = None, ove
     parameter at a time. `hf_dir`: a HuggingFace directory (or one of our checkpoints) whose non-weight files
     and non-text tensors become the export passthrough."""
     check_output(output, overwrite=overwrite, inputs=[hf_dir])
+    require_local(model, "save_model")
     variables = orbax_io.model_variables(model)
     stacked_paths = _stacked_paths(model)
 
@@ -357,6 +358,17 @@ def save_model(model: nnx.Module, output: str, *, hf_dir: str | None = None, ove
         if extra_source is not None:
             extra_source.close()
     return ConversionSummary(os.path.abspath(output), total, bar.close())
+
+
+def require_local(model: nnx.Module, what: str) -> None:
+    """In-memory writers gather each tensor to this host, which cannot see the shards of other processes: a
+    multi-process model is exported from its training checkpoint instead (saved collectively by Orbax)."""
+    for path, variable in orbax_io.model_variables(model).items():
+        value = variable.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            raise CheckpointError(f"{what}: parameter {orbax_io.path_key(path)} spans several processes; save a "
+                                  "training checkpoint and run `python -m diffusion_gemma.convert export-hf "
+                                  "--checkpoint=WORKDIR/checkpoints` on one host")
 
 
 def _stacked_paths(model: nnx.Module) -> set[tuple]:

@@ -36,12 +36,15 @@ class DataConfig:
     synthetic_vocab_size: int = 64
     sudoku_min_givens: int = 30
     sudoku_max_givens: int = 50
+    sudoku_format: str = "compact"
 
     def __post_init__(self):
         if self.source not in SOURCES:
             raise ValueError(f"data.source = {self.source!r}; expected one of {SOURCES}")
         if self.source == "chat_jsonl" and (not self.path or not self.tokenizer):
             raise ValueError("data.source = 'chat_jsonl' needs data.path and data.tokenizer")
+        if self.sudoku_format not in ("compact", "chat"):
+            raise ValueError(f"data.sudoku_format = {self.sudoku_format!r}; expected 'compact' or 'chat'")
         for name in ("seq_length", "block_size", "global_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -94,21 +97,24 @@ class SyntheticSource:
 
 
 class SudokuSource:
-    """Sudoku in the compact character format for from-scratch models: prompt = `<bos>` + the 81 cells of the
-    puzzle (0 = blank), response = the 81 cells of the solution (one canvas block when block_size >= 81).
-    Ids: pad 0, eos 1, bos 2, digit d -> 3 + d. Example i is generated from seed [seed, i] on the TRAIN side of
-    the split rule, so training never sees an evaluation solution grid."""
-
-    DIGIT_OFFSET = 3
-    VOCAB_SIZE = 16
+    """Sudoku puzzles generated on the fly in a `SudokuFormat` (compact ids for from-scratch models, or the
+    released model's chat prompt). Example i is generated from seed [seed, i] on the TRAIN side of the split
+    rule, so training never sees an evaluation solution grid."""
 
     def __init__(self, *, num_examples: int, seed: int, min_givens: int, max_givens: int, seq_length: int,
-                 block_size: int):
-        if seq_length < 1 + 81 + 81:
-            raise ValueError(f"data.seq_length = {seq_length} cannot hold a Sudoku prompt and answer (163)")
+                 block_size: int, sudoku_format=None):
+        from diffusion_gemma.data.sudoku_format import CompactFormat
+
+        self.format = sudoku_format or CompactFormat()
         self.num_examples, self.seed = num_examples, seed
         self.min_givens, self.max_givens = min_givens, max_givens
         self.seq_length, self.block_size = seq_length, block_size
+        empty = np.zeros((9, 9), np.int64)
+        answer_length = len(self.format.answer_ids(empty + 1))
+        needed = len(self.format.prompt_ids(empty)) + -(-answer_length // block_size) * block_size
+        if seq_length < needed:
+            raise ValueError(f"data.seq_length = {seq_length} cannot hold a Sudoku prompt and its block-filled "
+                             f"answer ({needed} tokens)")
 
     def __len__(self) -> int:
         return self.num_examples
@@ -125,9 +131,8 @@ class SudokuSource:
 
     def __getitem__(self, index: int) -> SftExample:
         puzzle, solution = self.puzzle(index)
-        prompt = [2] + (puzzle.reshape(-1).astype(np.int32) + self.DIGIT_OFFSET).tolist()
-        answer = (solution.reshape(-1).astype(np.int32) + self.DIGIT_OFFSET).tolist()
-        return chat.pack_example(prompt, answer, eos_id=1, pad_id=0, seq_length=self.seq_length,
+        return chat.pack_example(self.format.prompt_ids(puzzle), self.format.answer_ids(solution),
+                                 eos_id=self.format.eos_id, pad_id=self.format.pad_id, seq_length=self.seq_length,
                                  block_size=self.block_size)
 
 
@@ -136,19 +141,25 @@ def _as_features(index: int, example: SftExample) -> dict[str, np.ndarray]:
             "response_start": np.int32(example.response_start), "example_index": np.int32(index)}
 
 
-def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
-    """Shuffle over as many epochs as `num_steps` needs, number the examples of the global stream, keep this
-    process's share and batch it (global_batch_size / process_count rows per process and step)."""
-    if config.global_batch_size % process_count:
-        raise ValueError(f"data.global_batch_size = {config.global_batch_size} is not divisible by the "
-                         f"{process_count} processes")
-    needed = (num_steps + 1) * config.global_batch_size
+def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
+                 rows: tuple[int, int] | None = None) -> grain.IterDataset:
+    """Shuffle over as many epochs as `num_steps` needs, number the examples of the global stream, batch them
+    `global_batch_size` at a time and keep rows [start, stop) of every batch: this process's share
+    (`sharding.process_batch_rows`; default all). Each process reads only its own rows, and the processes'
+    blocks side by side are exactly the single-process batch, row order included."""
+    size = config.global_batch_size
+    start, stop = (0, size) if rows is None else rows
+    if not 0 <= start < stop <= size:
+        raise ValueError(f"rows {rows} are not a block of the global batch of {size}")
+    needed = (num_steps + 1) * size
     epochs = max(1, -(-needed // len(source)))
     dataset = grain.MapDataset.source(source).repeat(epochs).shuffle(seed=config.shuffle_seed)
     dataset = dataset.map_with_index(_as_features)
-    dataset = dataset[process_index::process_count]
-    return dataset.batch(config.global_batch_size // process_count, drop_remainder=True).to_iter_dataset()
+    if stop - start < size:
+        local, stream = stop - start, dataset
+        dataset = grain.MapDataset.range(len(stream) // size * local).map(
+            lambda i: stream[i // local * size + start + i % local])
+    return dataset.batch(stop - start, drop_remainder=True).to_iter_dataset()
 
 
 def make_source(config: DataConfig, tokenizer: chat.TextTokenizer | None = None) -> ExampleSource:
@@ -159,9 +170,12 @@ def make_source(config: DataConfig, tokenizer: chat.TextTokenizer | None = None)
         if tokenizer is None:
             raise ValueError("data.source = 'chat_jsonl' needs a tokenizer")
         return ChatJsonlSource(config.path, tokenizer, seq_length=config.seq_length, block_size=config.block_size)
+    from diffusion_gemma.data.sudoku_format import make_format
+
     return SudokuSource(num_examples=config.num_synthetic_examples, seed=config.shuffle_seed,
                         min_givens=config.sudoku_min_givens, max_givens=config.sudoku_max_givens,
-                        seq_length=config.seq_length, block_size=config.block_size)
+                        seq_length=config.seq_length, block_size=config.block_size,
+                        sudoku_format=make_format(config.sudoku_format, tokenizer))
 
 
 def iterator_state_json(iterator) -> str:

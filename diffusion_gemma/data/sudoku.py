@@ -25,7 +25,8 @@ Overview:
   naked/hidden pairs/triples), 'hard' (needs search beyond that) plus the search solver's backtracks.
 * :func:`givens_bucket` -- the experiment's strata by number of givens (easy >= 40, medium 30-39, hard < 30).
 * :func:`validate` -- row/column/box validity, givens preserved, solved, violation count, cell accuracy.
-* :func:`parse_grid`, :func:`load_puzzles`, :func:`format_grid` -- the common text formats.
+* :func:`parse_grid`, :func:`read_grids`, :func:`load_puzzles`, :func:`format_grid` -- the common text
+  formats (files: one grid per line, or 9 lines per grid).
 * :func:`puzzle_stream` -- deterministic infinite ``(puzzle, solution)`` streams; train and eval are
   disjoint by construction (see :func:`solution_split`).
 """
@@ -62,6 +63,7 @@ __all__ = [
     "num_givens",
     "validate",
     "parse_grid",
+    "read_grids",
     "load_puzzles",
     "format_grid",
     "isomorphism_key",
@@ -780,18 +782,47 @@ def parse_grid(text: str, *, source: str | None = None) -> np.ndarray:
     return _parse_cells(chars, where)
 
 
-def load_puzzles(path: str | os.PathLike) -> np.ndarray:
-    """Read one grid per line (compact or space-separated) into an (N, 9, 9) int8 array.
+def read_grids(path: str | os.PathLike) -> list[tuple[int, np.ndarray]]:
+    """``(line number, grid)`` for every grid of a file, the line number being where the grid starts.
 
-    Blank lines and lines starting with '#' are skipped; errors name the file and line number.
+    A grid is one line of 81 cells (compact or space-separated), or 9 consecutive lines of 9 cells (with or
+    without spaces). Blank lines and lines starting with '#' are skipped; errors name the file and line.
     """
-    grids = []
+    name = os.fspath(path)
+    grids: list[tuple[int, np.ndarray]] = []
+    rows: list[tuple[int, str]] = []  # the pending rows of a 9-line grid
+
+    def flush_rows(at: int) -> None:
+        if rows:
+            raise ValueError(f"{name}:{rows[0][0]}: a grid of 9 lines starts here but has {len(rows)} line(s) "
+                             f"before line {at}; expected 9 lines of 9 cells, or 81 cells on one line")
+
     with open(path, encoding="utf-8") as f:
+        line_no = 0
         for line_no, line in enumerate(f, 1):
             text = line.strip()
             if not text or text.startswith("#"):
                 continue
-            grids.append(parse_grid(text, source=f"{os.fspath(path)}:{line_no}"))
+            tokens = text.split()
+            if len(tokens if len(tokens) > 1 else tokens[0]) == 9:
+                rows.append((line_no, text))
+                if len(rows) == 9:
+                    start = rows[0][0]
+                    grids.append((start, parse_grid("\n".join(t for _, t in rows), source=f"{name}:{start}")))
+                    rows.clear()
+                continue
+            flush_rows(line_no)
+            grids.append((line_no, parse_grid(text, source=f"{name}:{line_no}")))
+        flush_rows(line_no + 1)
+    return grids
+
+
+def load_puzzles(path: str | os.PathLike) -> np.ndarray:
+    """Read every grid of a file (see :func:`read_grids`) into an (N, 9, 9) int8 array.
+
+    Blank lines and lines starting with '#' are skipped; errors name the file and line number.
+    """
+    grids = [grid for _, grid in read_grids(path)]
     return np.stack(grids) if grids else np.zeros((0, 9, 9), np.int8)
 
 

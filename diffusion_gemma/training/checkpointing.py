@@ -4,10 +4,13 @@ model_config.json, lora.json and the HuggingFace passthrough (hf/) at the root, 
 --checkpoint=WORKDIR/checkpoints` works on any training run.
 
 Trees are plain nested dicts with string keys (`state_to_tree`), so they save and restore without NNX objects.
+With several processes every process calls save and restore (Orbax writes each array's shards from the
+process that holds them and commits once); only process 0 writes the root metadata files.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -17,12 +20,20 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from diffusion_gemma import distributed
 from diffusion_gemma.checkpoints import orbax_io
 from diffusion_gemma.config import ModelConfig
 
 
+_MANAGERS = itertools.count()
+
+
 class IncompatibleCheckpointError(ValueError):
     """The workdir holds a checkpoint of another model; nothing is overwritten."""
+
+
+class InsufficientSpaceError(OSError):
+    """The checkpoint directory's disk cannot hold one more checkpoint; raised before training starts."""
 
 
 def state_to_tree(state: nnx.State) -> dict:
@@ -47,6 +58,8 @@ class TrainCheckpointer:
         self.directory = os.path.abspath(directory)
         self._check_compatible(model_config, lora)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        # Orbax's first cross-process sync is a device collective, which (on CPU) waits only 30 s for the others.
+        distributed.barrier(f"checkpoint_manager_{next(_MANAGERS)}")
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         if jax.process_index() == 0:
             orbax_io.write_metadata(self.directory, model_config, lora)
@@ -69,6 +82,17 @@ class TrainCheckpointer:
         if set(stored_lora) != set(lora or {}):
             raise IncompatibleCheckpointError(
                 f"{self.directory} holds checkpoints with different LoRA adapters ({lora_path}); use another --workdir")
+
+    def check_free_space(self, *trees: Any) -> None:
+        """Refuse to start when the disk cannot take one checkpoint of `trees`, rather than fail at the first
+        save. The estimate: their global bytes (what all processes together write to a shared directory) + 5%
+        + 2 MiB of metadata and small files (a tiny model's 0.55 MB of arrays take 1.4 MB on disk)."""
+        needed = int(1.05 * sum(leaf.nbytes for tree in trees for leaf in jax.tree.leaves(tree))) + 2**21
+        free = shutil.disk_usage(self.directory).free
+        if free < needed:
+            raise InsufficientSpaceError(
+                f"{self.directory}: {free / 1e6:.2f} MB free on its disk, one checkpoint needs about "
+                f"{needed / 1e6:.2f} MB (parameters and optimizer state); free some space or use another --workdir")
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

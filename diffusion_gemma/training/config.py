@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from diffusion_gemma.config import REMAT_POLICIES
 from diffusion_gemma.data.pipeline import DataConfig
 from diffusion_gemma.sharding import MeshConfig
+from diffusion_gemma.training.evaluation import EvaluationConfig
 from diffusion_gemma.training.lora import LoraConfig
 from diffusion_gemma.training.optimizer import OptimizerConfig
 
@@ -72,7 +73,6 @@ class TrainConfig:
     num_steps: int = 100
     grad_accum_steps: int = 1
     log_every: int = 10
-    eval_every: int = 0
     freeze_router: bool = True
     model: ModelSection = ModelSection()
     optimizer: OptimizerConfig = OptimizerConfig()
@@ -81,6 +81,7 @@ class TrainConfig:
     objective: ObjectiveSection = ObjectiveSection()
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointSection = CheckpointSection()
+    evaluation: EvaluationConfig = EvaluationConfig()
 
     def __post_init__(self):
         if self.num_steps <= 0:

@@ -12,18 +12,19 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
 import time
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from diffusion_gemma import sharding
+from diffusion_gemma import distributed, sharding
 from diffusion_gemma.checkpoints import orbax_io
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.data import pipeline
@@ -31,7 +32,8 @@ from diffusion_gemma.diffusion import losses, objective
 from diffusion_gemma.diffusion.batching import SftBatch
 from diffusion_gemma.diffusion.corruption import CorruptionSettings
 from diffusion_gemma.model.transformer import DiffusionGemma
-from diffusion_gemma.training import checkpointing, lora as lora_lib, metrics as metrics_lib, optimizer as opt_lib
+from diffusion_gemma.training import checkpointing, evaluation, lora as lora_lib, metrics as metrics_lib
+from diffusion_gemma.training import optimizer as opt_lib
 from diffusion_gemma.training.config import TrainConfig
 
 
@@ -85,8 +87,9 @@ def build_model(config: TrainConfig, model_config: ModelConfig, mesh) -> Diffusi
 
 
 def _config_overrides(model_config: ModelConfig) -> dict:
-    return {"moe_impl": model_config.moe_impl, "moe_capacity_factor": model_config.moe_capacity_factor,
-            "remat": model_config.remat}
+    """Every field the config changed on top of the checkpoint's config.json is applied to the loaded model."""
+    return {field.name: getattr(model_config, field.name) for field in dataclasses.fields(model_config)
+            if field.name not in ("dtype", "param_dtype")}
 
 
 def objective_settings(config: TrainConfig) -> objective.ObjectiveSettings:
@@ -134,7 +137,7 @@ def make_train_step(graphdef, trainable_template, rest_template, tx: optax.Gradi
         updates, opt_state = tx.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         metrics = losses.finalize_metrics(metric_sums)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), learning_rate=schedule(step),
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), learning_rate=schedule(step),
                        scored_tokens=counts.diffusion.astype(jnp.float32))
         return trainable, opt_state, metrics
 
@@ -142,33 +145,11 @@ def make_train_step(graphdef, trainable_template, rest_template, tx: optax.Gradi
 
 
 # ------------------------------------------------------------------------------------------------- the loop
-class _StopSignal:
-    """SIGTERM -> finish the current step, save a final checkpoint, exit cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. a notebook worker): no signal handling
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _check_workdir(workdir: str) -> None:
     """Fail before any compute when the workdir cannot be written."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+        probe = os.path.join(workdir, f".write_probe_{jax.process_index()}_{os.getpid()}")  # unique per host
         with open(probe, "wb") as f:
             f.write(b"0" * 4096)
             f.flush()
@@ -179,11 +160,20 @@ def _check_workdir(workdir: str) -> None:
 
 
 def _tokenizer_for(config: TrainConfig):
-    if config.data.source != "chat_jsonl":
+    """data.tokenizer, else the initial HF checkpoint's own when the data needs one (chat rendering)."""
+    path = config.data.tokenizer
+    needs = config.data.source == "chat_jsonl" or (config.data.source == "sudoku"
+                                                  and config.data.sudoku_format == "chat")
+    if not path and needs:
+        path = config.model.init_hf_dir
+        if not path:
+            raise TrainingError("this data source renders chat text: set data.tokenizer (or model.init_hf_dir, "
+                                "whose tokenizer is then used)")
+    if not path:
         return None
     from diffusion_gemma.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(config.data.tokenizer)
+    return load_tokenizer(path)
 
 
 def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, progress: bool = True,
@@ -192,9 +182,13 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
     latest checkpoint in `workdir/checkpoints` if there is one. `devices` (default: all) span the mesh."""
     _check_workdir(workdir)
     mesh = sharding.make_mesh(config.mesh, devices)
+    logging.info("mesh %s over %d device(s); jax %s, flax %s, optax %s", dict(mesh.shape), mesh.size,
+                 jax.__version__, flax.__version__, optax.__version__)
     model_config = model_config_for(config)
     settings = objective_settings(config)
-    source = pipeline.make_source(config.data, _tokenizer_for(config))
+    tokenizer = _tokenizer_for(config)
+    source = pipeline.make_source(config.data, tokenizer)
+    evaluator = evaluation.make_evaluator(config.evaluation, config.data, tokenizer, workdir)
 
     with jax.set_mesh(mesh):
         model = build_model(config, model_config, mesh)
@@ -213,9 +207,9 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
             os.path.join(workdir, "checkpoints"), model_config=model_config, lora=lora_meta,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
             hf_passthrough=_passthrough_dir(config))
-        data_iterator = iter(pipeline.make_dataset(source, config.data, num_steps=config.num_steps,
-                                                   process_index=jax.process_index(),
-                                                   process_count=jax.process_count()))
+        checkpointer.check_free_space(trainable, rest, opt_state)
+        data_iterator = iter(pipeline.make_dataset(source, config.data, num_steps=config.num_steps, rows=sharding.
+                                                   process_batch_rows(mesh, config.data.global_batch_size)))
         start_step = 0
         latest = checkpointer.latest_step()
         if latest is not None:
@@ -227,8 +221,12 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
             pipeline.restore_iterator_state(data_iterator, train_state["data_iterator"])
             start_step = int(train_state["step"])
 
+        # Outputs keep the inputs' shardings: otherwise step 2 sees new input shardings and compiles again.
+        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
         step_fn = jax.jit(make_train_step(graphdef, trainable_template, rest_template, tx, settings,
-                                          config.grad_accum_steps, schedule), donate_argnums=(0, 2))
+                                          config.grad_accum_steps, schedule), donate_argnums=(0, 2),
+                          out_shardings=(shardings(trainable), shardings(opt_state),
+                                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
         logger = metrics_lib.MetricsLogger(workdir)
         rng = jax.random.key(config.seed)
         end_step = config.num_steps if stop_after is None else min(config.num_steps, start_step + stop_after)
@@ -242,10 +240,13 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
                    desc="train", unit="step", dynamic_ncols=True)
         step = start_step
         try:
-            with _StopSignal() as stop:
+            with distributed.StopSignal() as stop:
                 while step < end_step:
                     host_batch = next(data_iterator)
-                    batch = _global_batch(host_batch, mesh)
+                    batch = _global_batch(host_batch, mesh, config.data.global_batch_size)
+                    if step == start_step:  # several processes: all compiled before the first collective
+                        distributed.compile_together(step_fn, trainable, rest, opt_state, batch, rng,
+                                                     jnp.asarray(step, jnp.int32))
                     started = time.perf_counter()
                     trainable, opt_state, step_metrics = step_fn(trainable, rest, opt_state, batch, rng,
                                                                  jnp.asarray(step, jnp.int32))
@@ -265,15 +266,30 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}")
                     if step % config.log_every == 0 or step == end_step:
                         logger.write(step, values)
-                    if step % config.checkpoint.every_steps == 0 or step == end_step or stop.requested:
-                        _save(checkpointer, step, trainable, rest, opt_state, data_iterator, force=stop.requested)
-                    if stop.requested:
+                    if evaluator is not None and (step % config.evaluation.every_steps == 0 or step == end_step):
+                        eval_values = _evaluate(evaluator, graphdef, trainable_template, rest_template, trainable,
+                                                rest, step)
+                        history[-1].update(eval_values)
+                        logger.write(step, eval_values)
+                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_values.items()
+                                                               if "/" not in k.removeprefix("eval/")))
+                    stopping = stop.should_stop(step)  # SIGTERM: every process stops after the same step
+                    if step % config.checkpoint.every_steps == 0 or step == end_step or stopping:
+                        _save(checkpointer, step, trainable, rest, opt_state, data_iterator, force=stopping)
+                    if stopping:
                         break
         finally:
             bar.close()
             logger.close()
             checkpointer.close()
     return TrainResult(steps_run=step - start_step, final_step=step, losses=losses_seen, history=history)
+
+
+def _evaluate(evaluator, graphdef, trainable_template, rest_template, trainable, rest, step: int) -> dict:
+    """Run the evaluator on the current weights (merged into a model without copying them)."""
+    model = nnx.merge(graphdef, checkpointing.tree_to_state(trainable_template, trainable),
+                      checkpointing.tree_to_state(rest_template, rest))
+    return {f"eval/{name}": float(value) for name, value in evaluator(model, step).items()}
 
 
 def _passthrough_dir(config: TrainConfig) -> str | None:
@@ -291,11 +307,12 @@ def _save(checkpointer, step, trainable, rest, opt_state, data_iterator, *, forc
                       force=force)
 
 
-def _global_batch(host_batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Process-local rows -> one global array per feature, split over the mesh's batch axes."""
+def _global_batch(host_batch: dict[str, np.ndarray], mesh, batch_size: int) -> dict[str, jax.Array]:
+    """Process-local rows (`sharding.process_batch_rows`) -> one global array per feature, split over the mesh's
+    batch axes."""
     out = {}
     for name, local in host_batch.items():
-        global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+        global_shape = (batch_size,) + local.shape[1:]
         spec = sharding.batch_spec(mesh, global_shape)
         out[name] = jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), local,
                                                            global_shape)

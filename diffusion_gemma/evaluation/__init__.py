@@ -1,0 +1,1 @@
+"""Evaluation: Sudoku solving and scoring, loading models to evaluate, result files and plot data."""

@@ -1,0 +1,1 @@
+"""Training: optimizer, LoRA, config, checkpointing, metrics, evaluation hook and the SFT loop."""

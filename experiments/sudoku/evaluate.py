@@ -1,0 +1,159 @@
+"""Evaluate a DiffusionGemma model on Sudoku: solve rate and friends, by difficulty bucket, as a table and JSON.
+
+    python experiments/sudoku/evaluate.py --checkpoint=/tmp/sudoku/checkpoints \\
+        --puzzles=easy.txt,hard.txt --solutions=easy_solutions.txt,hard_solutions.txt --output=eval.json
+    python experiments/sudoku/evaluate.py --hf_dir=/path/to/diffusiongemma-26B-A4B-it --puzzles=top95.txt \\
+        --decoder=autoregressive --limit=20
+    python experiments/sudoku/evaluate.py --checkpoint=CKPT --generate=256 --min_givens=20 --max_givens=60
+
+The model: `--checkpoint` (one of our checkpoints, or a training workdir's `checkpoints/`: latest step, LoRA
+adapters merged) or `--hf_dir`. Puzzles: comma-separated files, each scored on its own (one grid per line, 81
+cells with '.' or '0' for blanks or space-separated, or 9 lines of 9), with optional line-aligned solution
+files (else the solver's), and/or `--generate=N` held-out puzzles from the eval side of the split rule.
+Prompt format: compact for a vocabulary-16 model, else chat with the model's tokenizer (`--tokenizer` when
+none ships with the weights). Decoders: the block-diffusion sampler (settings below) or greedy
+autoregressive decoding through the encoder (the baseline).
+
+Reported per set, overall and by bucket (easy >= 40 givens, medium 30-39, hard < 30): exact-board solve rate,
+cell accuracy on the blanks, rate of answers breaking a Sudoku rule, rate of answers keeping every given, mean
+denoising steps (decoder forwards; AR: tokens decoded) and tokens per forward; in the JSON also by number of
+givens. `--output` is written atomically and never replaces a file without `--overwrite`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Runnable from a checkout without `pip install -e .` (Python puts only this script's directory on sys.path).
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if _REPO not in sys.path:
+    sys.path.insert(1, _REPO)
+
+from absl import flags  # noqa: E402
+
+from diffusion_gemma.diffusion.sampler import ACCEPTANCE_RULES  # noqa: E402
+
+FLAGS = flags.FlagValues()  # this script's own flags: importing it next to another CLI cannot clash
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Our Orbax checkpoint, or a training workdir's checkpoints/ "
+                                  "(latest step; LoRA adapters are merged).", flag_values=FLAGS)
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace DiffusionGemma directory.", flag_values=FLAGS)
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json / tokenizer.model for the chat format "
+                                 "(default: the one next to the weights).", flag_values=FLAGS)
+_PUZZLES = flags.DEFINE_list("puzzles", [], "Puzzle files, comma-separated; each is reported separately.",
+                             flag_values=FLAGS)
+_SOLUTIONS = flags.DEFINE_list("solutions", [], "Solution files, one per puzzle file, same order (default: the "
+                               "solver's solutions).", flag_values=FLAGS)
+_GENERATE = flags.DEFINE_integer("generate", 0, "Also evaluate on this many generated held-out puzzles.",
+                                 flag_values=FLAGS)
+_MIN_GIVENS = flags.DEFINE_integer("min_givens", 20, "--generate: fewest givens.", flag_values=FLAGS)
+_MAX_GIVENS = flags.DEFINE_integer("max_givens", 60, "--generate: most givens.", flag_values=FLAGS)
+_PUZZLE_SEED = flags.DEFINE_integer("puzzle_seed", 1234, "--generate: seed of the puzzle stream.", flag_values=FLAGS)
+_LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N puzzles of each file.", flag_values=FLAGS)
+_FORMAT = flags.DEFINE_enum("format", None, ["compact", "chat"], "Prompt format (default: compact for a "
+                            "vocabulary-16 model, else chat).", flag_values=FLAGS)
+_DECODER = flags.DEFINE_enum("decoder", "diffusion", ["diffusion", "autoregressive"], "How answers are decoded.",
+                             flag_values=FLAGS)
+_STEPS = flags.DEFINE_integer("steps", 32, "Denoising step budget per canvas.", flag_values=FLAGS)
+_ACCEPTANCE = flags.DEFINE_enum("acceptance", "entropy_bound", list(ACCEPTANCE_RULES), "Acceptance rule.",
+                                flag_values=FLAGS)
+_ENTROPY_BOUND = flags.DEFINE_float("entropy_bound", 0.1, "Bound of the entropy_bound rule.", flag_values=FLAGS)
+_ACCEPT_CONFIDENCE = flags.DEFINE_float("accept_confidence", 0.9, "Threshold of the confidence rule.",
+                                        flag_values=FLAGS)
+_ACCEPT_TOP_K = flags.DEFINE_integer("accept_top_k", None, "k of the top_k rule (default: canvas / steps).",
+                                     flag_values=FLAGS)
+_GREEDY = flags.DEFINE_bool("greedy", False, "Argmax instead of sampling.", flag_values=FLAGS)
+_EARLY_STOP = flags.DEFINE_bool("early_stop", True, "Stop a canvas once stable and confident (--noearly_stop: "
+                                "always --steps steps).", flag_values=FLAGS)
+_T_MIN = flags.DEFINE_float("t_min", 0.4, "Temperature at the last step.", flag_values=FLAGS)
+_T_MAX = flags.DEFINE_float("t_max", 0.8, "Temperature at the first step.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Puzzles per batch.", flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.",
+                           flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Write the results here as JSON.", flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.", flag_values=FLAGS)
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
+
+
+class UsageError(ValueError):
+    """Bad flags or input files; the message says which."""
+
+
+def parse(argv: list[str]) -> None:
+    try:
+        FLAGS.unparse_flags()
+        FLAGS(argv)
+    except flags.Error as err:
+        raise UsageError(str(err)) from None
+    if (_CHECKPOINT.value is None) == (_HF_DIR.value is None):
+        raise UsageError("give exactly one of --checkpoint and --hf_dir")
+    if not _PUZZLES.value and not _GENERATE.value:
+        raise UsageError("give --puzzles=FILE[,FILE...] and/or --generate=N")
+    if _SOLUTIONS.value and len(_SOLUTIONS.value) != len(_PUZZLES.value):
+        raise UsageError(f"--solutions has {len(_SOLUTIONS.value)} file(s) for {len(_PUZZLES.value)} puzzle "
+                         "file(s); give one per puzzle file, in the same order")
+    if _BATCH_SIZE.value <= 0 or _STEPS.value <= 0 or (_LIMIT.value is not None and _LIMIT.value <= 0):
+        raise UsageError("--batch_size, --steps and --limit must be positive")
+
+
+def sampler_overrides() -> dict:
+    return dict(max_denoising_steps=_STEPS.value, acceptance=_ACCEPTANCE.value, entropy_bound=_ENTROPY_BOUND.value,
+                accept_confidence=_ACCEPT_CONFIDENCE.value, accept_top_k=_ACCEPT_TOP_K.value,
+                greedy=_GREEDY.value, early_stop=_EARLY_STOP.value, t_min=_T_MIN.value, t_max=_T_MAX.value)
+
+
+def run(argv: list[str]) -> dict:
+    """Parse `argv`, evaluate, print the tables, write --output; returns the JSON document."""
+    parse(argv)
+    from diffusion_gemma.evaluation import loading, outputs, puzzle_sets, runner
+    from diffusion_gemma.evaluation import sudoku as sudoku_eval
+
+    if _OUTPUT.value:
+        outputs.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)  # before any work
+    solutions = _SOLUTIONS.value or [None] * len(_PUZZLES.value)
+    sets = [puzzle_sets.load_set(p, s, limit=_LIMIT.value) for p, s in zip(_PUZZLES.value, solutions)]
+    if _GENERATE.value:
+        sets.append(puzzle_sets.generated_set(_GENERATE.value, seed=_PUZZLE_SEED.value,
+                                              min_givens=_MIN_GIVENS.value, max_givens=_MAX_GIVENS.value))
+    loaded = loading.load(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, dtype=_DTYPE.value)
+    model = loaded.model
+    format_name, fmt = runner.prompt_format(model, _FORMAT.value, _TOKENIZER.value or loaded.tokenizer)
+    sampler = None
+    if _DECODER.value == "diffusion":
+        sampler = sudoku_eval.sampler_config(fmt, model.config.canvas_length, **sampler_overrides())
+    results = runner.run(model, sets, fmt, decoder=_DECODER.value, sampler=sampler, batch_size=_BATCH_SIZE.value,
+                         seed=_SEED.value, progress=_PROGRESS.value)
+    source = dict(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, merged_adapters=loaded.merged_adapters,
+                  dtype=_DTYPE.value)
+    doc = runner.document(results, model=model, model_source=source, format_name=format_name,
+                          decoder=_DECODER.value, sampler=sampler, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
+                          limit=_LIMIT.value)
+    print(runner.tables(doc), flush=True)
+    if _OUTPUT.value:
+        outputs.write_json(_OUTPUT.value, doc, overwrite=_OVERWRITE.value)
+        print(f"wrote {_OUTPUT.value}")
+    return doc
+
+
+def main(argv: list[str]) -> int:
+    """Exit status 0, or 1 with the error (file and line for bad puzzle files) on stderr; 2 for bad flags."""
+    if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
+        print(__doc__ + "\n" + FLAGS.get_help())
+        return 0
+    from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
+    from diffusion_gemma.config import ConfigError
+
+    try:
+        run(argv)
+    except UsageError as err:
+        print(f"{os.path.basename(argv[0])}: usage error: {err}\n(--help lists the flags)", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, CheckpointError, ConfigError) as err:
+        print(f"{os.path.basename(argv[0])}: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,406 @@
+"""Sudoku evaluation: prompt formats, the autoregressive baseline, scoring, puzzle files, the evaluate CLI, and a
+tiny compact-format training run whose periodic evaluation and checkpoint are evaluated end to end.
+
+Every model here has the same tiny shape (TINY_SUDOKU) and every decode the same batch (4 puzzles), so the
+sampler and the greedy decoder compile once for the module."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
+from diffusion_gemma.config import ModelConfig
+from diffusion_gemma.data import sudoku
+from diffusion_gemma.data.sudoku_format import (SYSTEM_PROMPT, ChatFormat, CompactFormat, check_vocabulary,
+                                                default_format_name)
+from diffusion_gemma.data.tokenizer import load_tokenizer
+from diffusion_gemma.diffusion import autoregressive
+from diffusion_gemma.diffusion.sampler import left_pad
+from diffusion_gemma.evaluation import loading, outputs, puzzle_sets
+from diffusion_gemma.evaluation import sudoku as sudoku_eval
+from diffusion_gemma.model.transformer import DiffusionGemma
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TOKENIZER = os.path.join(REPO, "configs", "data", "tiny_tokenizer.json")
+TINY_SUDOKU = dict(num_layers=1, hidden_size=32, intermediate_size=48, num_heads=2, head_dim=8, num_kv_heads=1,
+                   global_head_dim=16, num_global_kv_heads=1, num_experts=8, top_k=2, moe_intermediate_size=16,
+                   vocab_size=16, sliding_window=256, canvas_length=81)
+BATCH = 4
+
+
+def load_sudoku_config(variant: str = ""):
+    """configs/sudoku.py's ConfigDict for `variant`, as the CLI's `--config=configs/sudoku.py:variant` loads it."""
+    spec = importlib.util.spec_from_file_location("sudoku_config", os.path.join(REPO, "configs", "sudoku.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def load_script(name: str):
+    """experiments/sudoku/<name>.py as a module (its flags live on their own FlagValues)."""
+    spec = importlib.util.spec_from_file_location(f"sudoku_{name}_script",
+                                                  os.path.join(REPO, "experiments", "sudoku", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    """Six held-out puzzles with their solutions."""
+    return sudoku_eval.eval_puzzles(6, seed=7, min_givens=28, max_givens=45)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    return load_tokenizer(TINY_TOKENIZER)
+
+
+# ------------------------------------------------------------------------------------------------ formats
+def test_compact_format_round_trip_and_garbled_cells(pairs):
+    puzzles, solutions = pairs
+    fmt = CompactFormat()
+    prompt = fmt.prompt_ids(puzzles[0])
+    assert prompt[0] == fmt.BOS and len(prompt) == 82 and fmt.stop_ids == (fmt.EOS,)
+    assert [p - 3 for p in prompt[1:]] == puzzles[0].reshape(-1).tolist()
+    answer = fmt.answer_ids(solutions[0])
+    np.testing.assert_array_equal(fmt.parse_answer(answer), solutions[0])
+    garbled = list(answer)
+    garbled[5], garbled[9], garbled[80] = fmt.PAD, fmt.EOS, 3  # pad, eos and the '0' digit are no answer
+    expected = solutions[0].reshape(-1).copy()
+    expected[[5, 9, 80]] = 0
+    np.testing.assert_array_equal(fmt.parse_answer(garbled).reshape(-1), expected)
+    np.testing.assert_array_equal(fmt.parse_answer(answer[:40]).reshape(-1)[40:], 0)  # short: the rest blank
+    assert sudoku_eval.answer_length(fmt) == 81
+
+
+def test_chat_format_renders_the_recipe_prompt_and_round_trips(pairs, tiny_tokenizer):
+    puzzles, solutions = pairs
+    fmt = ChatFormat(tiny_tokenizer)
+    text = tiny_tokenizer.decode(fmt.prompt_ids(puzzles[0]), skip_special_tokens=False)
+    spaced = " ".join(str(d) for d in puzzles[0].reshape(-1))
+    assert text == (f"<bos><|turn>system\n{SYSTEM_PROMPT}<turn|>\n<|turn>user\n{spaced}<turn|>\n<|turn>model\n")
+    answer = fmt.answer_ids(solutions[0])
+    assert tiny_tokenizer.decode(answer, skip_special_tokens=False) == ChatFormat.spaced(solutions[0]) + "<turn|>\n"
+    np.testing.assert_array_equal(fmt.parse_answer(answer), solutions[0])
+    assert fmt.stop_ids == (tiny_tokenizer.eos_id, tiny_tokenizer.require_id("<turn|>"))
+    assert sudoku_eval.answer_length(fmt) == len(answer)
+
+
+def test_chat_parse_of_messy_text(pairs, tiny_tokenizer):
+    _, solutions = pairs
+    fmt = ChatFormat(tiny_tokenizer)
+    rows = ["".join(str(d) for d in row) for row in solutions[0]]
+    messy = "Sure!\n" + "\n".join(f"| {r[:3]} | {r[3:6]} | {r[6:]} |" for r in rows) + "\nDone."
+    ids = tiny_tokenizer.encode(messy) + [tiny_tokenizer.require_id("<turn|>")] + tiny_tokenizer.encode("1 2 3")
+    np.testing.assert_array_equal(fmt.parse_answer(ids), solutions[0])  # digits after the turn end are ignored
+    short = tiny_tokenizer.encode(" ".join(rows[0])) + [tiny_tokenizer.eos_id] + tiny_tokenizer.encode("5 5 5")
+    board = fmt.parse_answer(short)
+    np.testing.assert_array_equal(board[0], solutions[0][0])
+    assert not board[1:].any()
+    assert not fmt.parse_answer(tiny_tokenizer.encode("no digits here")).any()
+    assert not fmt.parse_answer([tiny_tokenizer.pad_id] + fmt.answer_ids(solutions[0])).any()  # pad ends it
+
+
+def test_format_choice_and_vocabulary_check(tiny_tokenizer):
+    assert default_format_name(16) == "compact" and default_format_name(512) == "chat"
+    check_vocabulary(CompactFormat(), 16)
+    check_vocabulary(ChatFormat(tiny_tokenizer), tiny_tokenizer.vocab_size)
+    with pytest.raises(ValueError, match=r"token id \d+, outside the model's vocabulary of 64"):
+        check_vocabulary(ChatFormat(tiny_tokenizer), 64)
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+@pytest.fixture(scope="module")
+def graded_pairs():
+    """One easy, one medium and one hard puzzle (by givens) with their solutions."""
+    rng = np.random.default_rng(5)
+    return [sudoku.generate_puzzle(rng, givens) for givens in (45, 33, 25)]
+
+
+def _blank(puzzle):
+    return [int(i) for i in np.flatnonzero(puzzle.reshape(-1) == 0)]
+
+
+def test_score_exact_wrong_cell_changed_given_and_buckets(graded_pairs):
+    puzzles = np.stack([p for p, _ in graded_pairs])
+    solutions = np.stack([s for _, s in graded_pairs])
+    exact = solutions[0].copy()
+    wrong = solutions[1].copy().reshape(-1)
+    cell = _blank(puzzles[1])[0]
+    wrong[cell] = wrong[cell] % 9 + 1
+    changed = solutions[2].copy().reshape(-1)
+    given = int(np.flatnonzero(puzzles[2].reshape(-1))[0])
+    changed[given] = changed[given] % 9 + 1
+    answers = sudoku_eval.Answers(np.stack([exact, wrong.reshape(9, 9), changed.reshape(9, 9)]),
+                                  forwards=np.array([4.0, 8.0, 12.0]), tokens_per_forward=np.array([20.0, 10.0, 5.0]))
+    report = sudoku_eval.score(puzzles, answers, solutions)
+    assert set(report) == {"all", "easy", "medium", "hard"}
+    assert [report[b]["count"] for b in ("easy", "medium", "hard")] == [1, 1, 1]
+    assert (report["easy"]["solve_rate"], report["medium"]["solve_rate"], report["hard"]["solve_rate"]) == (1, 0, 0)
+    assert report["all"]["solve_rate"] == pytest.approx(1 / 3)
+    blanks = len(_blank(puzzles[1]))
+    assert report["medium"]["blank_cell_accuracy"] == pytest.approx((blanks - 1) / blanks)
+    assert report["hard"]["blank_cell_accuracy"] == 1.0  # a changed given is not a blank
+    assert (report["easy"]["violation_rate"], report["medium"]["violation_rate"]) == (0.0, 1.0)
+    assert report["hard"]["givens_preserved_rate"] == 0.0 and report["medium"]["givens_preserved_rate"] == 1.0
+    assert report["all"]["mean_forwards"] == 8.0 and report["all"]["mean_tokens_per_forward"] == pytest.approx(35 / 3)
+    assert report["all"]["mean_givens"] == pytest.approx((45 + 33 + 25) / 3)
+    # Without reference solutions the solver's are used: the same scores.
+    assert sudoku_eval.score(puzzles, answers) == report
+    rows = sudoku_eval.puzzle_scores(puzzles, answers, solutions)
+    assert list(sudoku_eval.by_givens(rows)) == [25, 33, 45]
+    table = sudoku_eval.format_table(report, "t")
+    assert table.splitlines()[0] == "t" and "medium" in table and "100.0%" in table
+
+
+def test_score_unreadable_board_and_mismatched_lengths(graded_pairs):
+    puzzle, solution = graded_pairs[0]
+    blank = sudoku_eval.Answers(np.zeros((1, 9, 9), np.int64), np.ones(1), np.ones(1))
+    row = sudoku_eval.puzzle_scores(puzzle[None], blank, solution[None])[0]
+    assert not row["solved"] and not row["violated"] and not row["givens_preserved"]
+    assert row["blank_accuracy"] == 0.0
+    with pytest.raises(ValueError, match="1 answers for 2 puzzles"):
+        sudoku_eval.score(np.stack([puzzle, puzzle]), blank)
+
+
+# -------------------------------------------------------------------------------------------- puzzle files
+def test_nine_line_grids_and_solution_checks_name_file_and_line(tmp_path, pairs):
+    puzzles, solutions = pairs
+    path = tmp_path / "mixed.txt"
+    path.write_text("# two 9-line grids, then one per line\n" + sudoku.format_grid(puzzles[0], "lines") + "\n\n"
+                    + sudoku.format_grid(puzzles[1], "lines").replace("0", ".") + "\n"
+                    + sudoku.format_grid(puzzles[2], "spaces") + "\n")
+    assert [line for line, _ in sudoku.read_grids(path)] == [2, 12, 21]
+    np.testing.assert_array_equal(sudoku.load_puzzles(path), puzzles[:3])
+    partial = tmp_path / "partial.txt"
+    partial.write_text("\n".join(sudoku.format_grid(puzzles[0], "lines").splitlines()[:4]) + "\n"
+                       + sudoku.format_grid(puzzles[1], "compact") + "\n")
+    with pytest.raises(ValueError, match=r"partial\.txt:1: a grid of 9 lines starts here but has 4 line\(s\)"):
+        sudoku.load_puzzles(partial)
+
+    good = tmp_path / "p.txt"
+    good.write_text("".join(sudoku.format_grid(p, "compact") + "\n" for p in puzzles[:2]))
+    sols = tmp_path / "s.txt"
+    changed = solutions[1].copy()
+    given = np.argwhere(puzzles[1])[0]
+    changed[tuple(given)] = changed[tuple(given)] % 9 + 1
+    sols.write_text(sudoku.format_grid(solutions[0], "compact") + "\n" + sudoku.format_grid(changed, "compact") + "\n")
+    with pytest.raises(ValueError, match=r"s\.txt:2: the solution (breaks the Sudoku rules|changes)"):
+        puzzle_sets.load_set(str(good), str(sols))
+    sols.write_text(sudoku.format_grid(solutions[0], "compact") + "\n")
+    with pytest.raises(ValueError, match=r"s\.txt: 1 solutions for the 2 puzzles"):
+        puzzle_sets.load_set(str(good), str(sols))
+    assert len(puzzle_sets.load_set(str(good), str(sols), limit=1)) == 1
+
+
+def test_json_output_is_atomic_and_never_replaced_silently(tmp_path):
+    path = str(tmp_path / "out.json")
+    outputs.write_json(path, {"rate": float("nan"), "n": np.int64(3), "by": {25: 1.0}}, overwrite=False)
+    assert json.load(open(path)) == {"rate": None, "n": 3, "by": {"25": 1.0}}
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        outputs.write_json(path, {}, overwrite=False)
+    with pytest.raises(RuntimeError):
+        with outputs.atomic_path(path, overwrite=True) as tmp:
+            open(tmp, "w").write("partial")
+            raise RuntimeError("crash while writing")
+    assert json.load(open(path))["n"] == 3 and os.listdir(tmp_path) == ["out.json"]
+
+
+def test_merge_adapters_folds_stacked_and_plain_lora():
+    rng = np.random.default_rng(0)
+    kernel = rng.normal(size=(2, 3, 4)).astype(np.float32)  # 2 stacked layers of a [3, 4] kernel
+    a, b = rng.normal(size=(2, 3, 2)).astype(np.float32), rng.normal(size=(2, 2, 4)).astype(np.float32)
+    plain, pa, pb = (rng.normal(size=s).astype(np.float32) for s in ((5, 6), (5, 1), (1, 6)))
+    values = {("blocks", "0", "q"): kernel, ("blocks", "0", "q_lora", "a"): a, ("blocks", "0", "q_lora", "b"): b,
+              ("sc", "up"): plain, ("sc", "up_lora", "a"): pa, ("sc", "up_lora", "b"): pb}
+    lora = {"blocks/0/q_lora": {"scale": 2.0, "batch_dims": 0}, "sc/up_lora": {"scale": 0.5, "batch_dims": 0}}
+    assert loading.merge_adapters(values, lora, where="ckpt") == 2
+    assert set(values) == {("blocks", "0", "q"), ("sc", "up")}
+    np.testing.assert_allclose(values[("blocks", "0", "q")], kernel + 2.0 * np.einsum("lir,lro->lio", a, b),
+                               rtol=1e-6)
+    np.testing.assert_allclose(values[("sc", "up")], plain + 0.5 * pa @ pb, rtol=1e-6)
+    with pytest.raises(CheckpointError, match="no scale recorded for adapter 'x_lora'"):
+        loading.merge_adapters({("x",): plain, ("x_lora", "a"): pa, ("x_lora", "b"): pb}, {}, where="ckpt")
+
+
+# ---------------------------------------------------------------------------------- the autoregressive baseline
+def test_greedy_decode_equals_full_reencodes_and_stops_at_eos(pairs):
+    puzzles, _ = pairs
+    model = DiffusionGemma(ModelConfig.tiny(**TINY_SUDOKU), rngs=nnx.Rngs(3))
+    fmt = CompactFormat()
+    prompts = [fmt.prompt_ids(p) for p in puzzles[:BATCH]]
+    prompts[1] = prompts[1][:60]  # one left-padded row
+    ids, mask = left_pad(prompts, fmt.pad_id, 82)
+    new = 81
+    plain = autoregressive.greedy_decode(model, ids, mask, max_new_tokens=new)
+    tokens = np.asarray(plain.tokens)
+    assert tokens.shape == (BATCH, new) and np.all(np.asarray(plain.forwards) == new)
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def last_logits(state, sequence, sequence_mask, position):
+        m = nnx.merge(graphdef, state)
+        _, hidden = m.encode(sequence, padding_mask=sequence_mask)
+        return m.lm_logits(jax.lax.dynamic_index_in_dim(hidden, position, 1))[:, 0]
+
+    sequence = np.concatenate([ids, np.zeros((BATCH, new), np.int32)], axis=1)
+    sequence_mask = np.concatenate([mask, np.zeros((BATCH, new), bool)], axis=1)
+    for i in range(new):  # the naive loop: re-encode everything, take the argmax of the last real position
+        logits = last_logits(state, jnp.asarray(sequence), jnp.asarray(sequence_mask), 82 + i - 1)
+        sequence[:, 82 + i] = np.argmax(np.asarray(logits), axis=-1)
+        sequence_mask[:, 82 + i] = True
+    np.testing.assert_array_equal(tokens, sequence[:, 82:])
+    assert len(set(tokens.reshape(-1).tolist())) > 1, "degenerate model: the comparison would be weak"
+
+    eos, pad = int(tokens[0, 5]), 15
+    stopped = autoregressive.greedy_decode(model, ids, mask, max_new_tokens=new, eos_token_ids=(eos,),
+                                           pad_token_id=pad)
+    for row in range(BATCH):
+        hits = np.flatnonzero(tokens[row] == eos)
+        end = int(hits[0]) + 1 if len(hits) else new
+        expected = np.concatenate([tokens[row, :end], np.full(new - end, pad)])
+        np.testing.assert_array_equal(np.asarray(stopped.tokens)[row], expected)
+        assert int(stopped.forwards[row]) == end
+    assert int(stopped.forwards[0]) <= 6
+
+
+# ------------------------------------------------------------------------------- training + evaluate CLI
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """configs/sudoku.py (compact format) shrunk to TINY_SUDOKU: 2 steps with the periodic evaluation on.
+
+    Run once per session even under pytest-xdist (the tests using it may land on both workers): the first
+    worker trains into the session's shared temp directory under a file lock, the other reuses the result."""
+    import fcntl
+    import types
+
+    from diffusion_gemma.training.config import from_config_dict
+    from diffusion_gemma.training.trainer import train
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's directory, shared by its workers
+    workdir, summary = str(root / "sudoku_run"), root / "sudoku_run.json"
+    with open(root / "sudoku_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not summary.exists():
+            raw = load_sudoku_config("")
+            raw.num_steps, raw.log_every = 2, 1
+            raw.model.overrides = dict(TINY_SUDOKU)
+            raw.data.update(global_batch_size=4, num_synthetic_examples=64)
+            raw.checkpoint.update(every_steps=2, async_save=False)
+            raw.evaluation.update(every_steps=2, num_examples=BATCH, batch_size=BATCH, max_denoising_steps=4)
+            result = train(from_config_dict(raw), workdir, progress=False, devices=jax.devices()[:1])
+            summary.write_text(json.dumps(dict(final_step=result.final_step, losses=result.losses,
+                                               history=result.history)))
+    return workdir, types.SimpleNamespace(**json.loads(summary.read_text()))
+
+
+def test_training_runs_the_periodic_sudoku_evaluation(trained):
+    workdir, result = trained
+    assert result.final_step == 2 and all(np.isfinite(result.losses))
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    evals = [r for r in records if "eval/solve_rate" in r]
+    assert [r["step"] for r in evals] == [2]
+    values = evals[0]
+    for bucket in ("",) + tuple(f"{b}/" for b in sudoku_eval.BUCKETS if f"eval/{b}/solve_rate" in values):
+        assert 0.0 <= values[f"eval/{bucket}solve_rate"] <= 1.0
+        assert 0.0 <= values[f"eval/{bucket}blank_cell_accuracy"] <= 1.0
+        assert 1.0 <= values[f"eval/{bucket}mean_forwards"] <= 4.0
+    assert any(key.count("/") == 2 for key in values)  # at least one bucket
+    assert result.history[-1]["eval/solve_rate"] == values["eval/solve_rate"]
+
+
+@pytest.fixture(scope="module")
+def puzzle_files(tmp_path_factory, pairs):
+    puzzles, solutions = pairs
+    directory = tmp_path_factory.mktemp("puzzles")
+    files = {"compact": directory / "compact.txt", "lines": directory / "lines.txt",
+             "solutions": directory / "solutions.txt"}
+    files["compact"].write_text("".join(sudoku.format_grid(p, "compact") + "\n" for p in puzzles))
+    files["lines"].write_text("".join(sudoku.format_grid(p, "lines") + "\n\n" for p in puzzles[::-1]))
+    files["solutions"].write_text("".join(sudoku.format_grid(s, "spaces") + "\n" for s in solutions))
+    return {k: str(v) for k, v in files.items()}
+
+
+def test_evaluate_cli_diffusion_json_tables_and_overwrite(trained, puzzle_files, tmp_path, capsys):
+    evaluate = load_script("evaluate")
+    output = str(tmp_path / "eval.json")
+    common = ["evaluate", f"--checkpoint={os.path.join(trained[0], 'checkpoints')}", "--limit=4", "--steps=4",
+              f"--batch_size={BATCH}", "--noprogress", f"--output={output}"]
+    # The reversed 9-line file with the forward solutions: refused before any model work, naming the line.
+    mismatched = common + [f"--puzzles={puzzle_files['lines']}", f"--solutions={puzzle_files['solutions']}"]
+    assert evaluate.main(mismatched) == 1
+    assert f"{puzzle_files['solutions']}:1: the solution" in capsys.readouterr().err and not os.path.exists(output)
+    two_for_one = common + [f"--puzzles={puzzle_files['compact']},{puzzle_files['lines']}",
+                            f"--solutions={puzzle_files['solutions']}"]
+    assert evaluate.main(two_for_one) == 2 and "one per puzzle file" in capsys.readouterr().err
+
+    argv = common + [f"--puzzles={puzzle_files['compact']}", f"--solutions={puzzle_files['solutions']}"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert "compact.txt (diffusion" in printed and "bucket" in printed and f"wrote {output}" in printed
+    doc = json.load(open(output))
+    assert doc["format"] == "compact" and doc["decoder"] == "diffusion" and doc["limit"] == 4
+    assert doc["model"]["vocab_size"] == 16 and doc["sampler"]["max_denoising_steps"] == 4
+    assert doc["sampler"]["early_stop"] is True and doc["sampler"]["eos_token_ids"] == [CompactFormat.EOS]
+    (result,) = doc["sets"]
+    assert result["count"] == 4 and result["solutions"] == puzzle_files["solutions"]
+    report = result["report"]
+    assert set(report["all"]) == {"count", "solve_rate", "blank_cell_accuracy", "violation_rate",
+                                  "givens_preserved_rate", "mean_forwards", "mean_tokens_per_forward", "mean_givens"}
+    assert sum(report[b]["count"] for b in sudoku_eval.BUCKETS if b in report) == 4
+    assert 1 <= report["all"]["mean_forwards"] <= 4
+    assert sum(v["count"] for v in result["by_givens"].values()) == 4
+    before = open(output).read()
+    assert evaluate.main(argv) == 1  # the output exists
+    assert "already exists; pass --overwrite" in capsys.readouterr().err and open(output).read() == before
+    assert evaluate.main(argv + ["--overwrite", "--entropy_bound=0.5", "--greedy", "--noearly_stop"]) == 0
+    again = json.load(open(output))
+    assert again["sampler"]["entropy_bound"] == 0.5 and again["sampler"]["greedy"] is True
+    assert again["sets"][0]["report"]["all"]["mean_forwards"] == 4.0  # no early stop: the whole budget
+
+
+def test_evaluate_cli_autoregressive_on_two_files(trained, puzzle_files, capsys):
+    evaluate = load_script("evaluate")
+    doc = evaluate.run(["evaluate", f"--checkpoint={os.path.join(trained[0], 'checkpoints')}",
+                        f"--puzzles={puzzle_files['compact']},{puzzle_files['lines']}", "--limit=4",
+                        "--decoder=autoregressive", f"--batch_size={BATCH}", "--noprogress"])
+    assert doc["sampler"] is None and [s["count"] for s in doc["sets"]] == [4, 4]
+    assert [s["name"] for s in doc["sets"]] == [puzzle_files["compact"], puzzle_files["lines"]]
+    for result in doc["sets"]:
+        assert result["solutions"] is None  # the solver's
+        assert result["report"]["all"]["mean_tokens_per_forward"] == 1.0
+        assert 1 <= result["report"]["all"]["mean_forwards"] <= 81
+    assert capsys.readouterr().out.count("(autoregressive,") == 2
+
+
+def test_evaluate_cli_reports_bad_puzzle_file_with_line(tmp_path, puzzle_files, capsys):
+    evaluate = load_script("evaluate")
+    bad = tmp_path / "bad.txt"
+    lines = open(puzzle_files["compact"]).read().splitlines()
+    bad.write_text(lines[0] + "\n# comment\n" + lines[1][:30] + "x" + lines[1][31:] + "\n")
+    code = evaluate.main(["evaluate", "--checkpoint=/nonexistent", f"--puzzles={bad}"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{bad}:3: bad character 'x' at cell 31" in err
+    assert evaluate.main(["evaluate", f"--puzzles={bad}"]) == 2
+    assert "exactly one of --checkpoint and --hf_dir" in capsys.readouterr().err
+
+
+def test_training_curve_plot_from_the_run(trained, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plots need the optional 'plots' extra (matplotlib)")
+    plots = load_script("plots")
+    output = str(tmp_path / "curve.png")
+    assert plots.main(["plots", "training", f"--workdir={trained[0]}", f"--output={output}"]) == 0
+    assert open(output, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert plots.main(["plots", "training", f"--workdir={trained[0]}", f"--output={output}"]) == 1
