@@ -82,7 +82,8 @@ def wait_all(processes: list[subprocess.Popen], timeout: float, logs: list[str])
 
 
 def tails(logs: list[str], chars: int = 3000) -> str:
-    return "\n".join(f"--- {log}:\n{open(log, errors='replace').read()[-chars:]}" for log in logs if os.path.exists(log))
+    return "\n".join(f"--- {log}:\n{open(log, errors='replace').read()[-chars:]}"
+                     for log in logs if os.path.exists(log))
 
 
 def wait_for(predicate, timeout: float, what: str, processes: list[subprocess.Popen], logs: list[str]) -> None:

@@ -3,7 +3,6 @@ checkpoint save, and a disk too small for a checkpoint. The reference is the uni
 tests/test_training.py's tiny config; the CLI children run the same compiled step (same devices, numerics and
 compile cache), so their losses must match it exactly."""
 
-import dataclasses
 import os
 import shutil
 import signal

@@ -26,7 +26,7 @@ import conftest  # noqa: E402,F401  (8 CPU devices, the tests' numerics and comp
 import numpy as np  # noqa: E402
 
 from cli_runs import (CRASHING_TRAIN, checkpoint_steps, cli_env, free_port, launch_train, read_metrics,  # noqa: E402
-                      tails, wait_all, wait_for, write_config_file)
+                      wait_all, wait_for, write_config_file)
 from test_multihost import two_process_config  # noqa: E402
 from test_training import tiny_config  # noqa: E402
 from diffusion_gemma.training.config import CheckpointSection  # noqa: E402
