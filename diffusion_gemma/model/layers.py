@@ -21,6 +21,19 @@ class Buffer(nnx.Variable):
     """A constant saved with the checkpoint but never trained (e.g. `layer_scalar`)."""
 
 
+def token_matmul(x: jax.Array, kernel: jax.Array, spec: str) -> jax.Array:
+    """`jnp.einsum(f"...{spec}", x, kernel)` with the leading (batch, token) dims of x flattened into one: the same
+    sums, but XLA:CPU emits the weight gradient of the batched einsum (a contraction over two leading dims) with a
+    transposing copy of the activations or of the output gradient, which the 2-D form avoids (measured 1.2-2x
+    faster forward + backward for the MLP and the tied LM head on CPU). `spec` names x's trailing feature dims,
+    the kernel's and the output's, e.g. "d,df->f" or "nh,nhd->d"."""
+    lhs, rest = spec.split(",")
+    rhs, out = rest.split("->")
+    lead = x.shape[:x.ndim - len(lhs)]
+    y = jnp.einsum(f"t{lhs},{rhs}->t{out}", x.reshape(-1, *x.shape[len(lead):]), kernel)
+    return y.reshape(*lead, *y.shape[1:])
+
+
 def gelu_tanh(x: jax.Array) -> jax.Array:
     return jax.nn.gelu(x, approximate=True)
 
@@ -94,11 +107,11 @@ class Embedder(nnx.Module):
     def soft_encode(self, probs: jax.Array, dtype) -> jax.Array:
         """probs [B, C, V] @ E * sqrt(D): the expected embedding under a distribution."""
         table = self.embedding[...].astype(dtype)
-        return jnp.einsum("bcv,vd->bcd", probs.astype(dtype), table) * jnp.asarray(self.embed_scale, dtype)
+        return token_matmul(probs.astype(dtype), table, "v,vd->d") * jnp.asarray(self.embed_scale, dtype)
 
     def decode(self, hidden: jax.Array) -> jax.Array:
         table = self.embedding[...].astype(hidden.dtype)
-        return jnp.einsum("bcd,vd->bcv", hidden, table)
+        return token_matmul(hidden, table, "d,vd->v")
 
 
 class GatedMLP(nnx.Module):
@@ -111,6 +124,6 @@ class GatedMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = jnp.einsum("...d,df->...f", x, effective_kernel(self, "gate_proj").astype(dtype))
-        up = jnp.einsum("...d,df->...f", x, effective_kernel(self, "up_proj").astype(dtype))
-        return jnp.einsum("...f,fd->...d", gelu_tanh(gate) * up, effective_kernel(self, "down_proj").astype(dtype))
+        gate = token_matmul(x, effective_kernel(self, "gate_proj").astype(dtype), "d,df->f")
+        up = token_matmul(x, effective_kernel(self, "up_proj").astype(dtype), "d,df->f")
+        return token_matmul(gelu_tanh(gate) * up, effective_kernel(self, "down_proj").astype(dtype), "f,fd->d")

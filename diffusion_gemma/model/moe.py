@@ -18,6 +18,7 @@ from flax import nnx
 
 # expert_parallel imports this module's pure functions back; it only reads them at call time.
 from diffusion_gemma.model import expert_parallel
+from diffusion_gemma.model.grouped_matmul import grouped_matmul
 from diffusion_gemma.model.layers import gelu_tanh, init_normal, rms_norm
 from diffusion_gemma.model.lora import effective_kernel
 
@@ -44,7 +45,8 @@ def mask_assignments(weights: jax.Array, experts: jax.Array, token_mask: jax.Arr
 
 
 def grouped_ffn(rows: jax.Array, expert_ids: jax.Array, gate_up: jax.Array, down: jax.Array) -> jax.Array:
-    """Each row through its own expert with two grouped matmuls (`ragged_dot`).
+    """Each row through its own expert with two grouped matmuls (`ragged_dot`; on CPU the segment scan of
+    `grouped_matmul`, which skips the G-times-larger masked matmul that XLA:CPU makes of `ragged_dot`).
 
     rows [N, D], expert_ids [N] in [0, G] with G = gate_up.shape[0]; id G means "no expert" and yields a zero row.
     gate_up [G, D, 2*Ie], down [G, Ie, D] -> [N, D].
@@ -53,9 +55,9 @@ def grouped_ffn(rows: jax.Array, expert_ids: jax.Array, gate_up: jax.Array, down
     order = jnp.argsort(expert_ids, stable=True)  # "no expert" rows sort last, outside every group
     group_sizes = jnp.bincount(expert_ids, length=num_groups).astype(jnp.int32)
     sorted_rows = jnp.take(rows, order, axis=0)
-    hidden = jax.lax.ragged_dot(sorted_rows, gate_up.astype(rows.dtype), group_sizes)  # [N, 2*Ie]
+    hidden = grouped_matmul(sorted_rows, gate_up.astype(rows.dtype), group_sizes)  # [N, 2*Ie]
     gate, up = jnp.split(hidden, 2, axis=-1)
-    sorted_out = jax.lax.ragged_dot(gelu_tanh(gate) * up, down.astype(rows.dtype), group_sizes)  # [N, D]
+    sorted_out = grouped_matmul(gelu_tanh(gate) * up, down.astype(rows.dtype), group_sizes)  # [N, D]
     out = jnp.zeros_like(sorted_out).at[order].set(sorted_out)
     # Rows outside every group are unspecified in some ragged_dot lowerings; make them exactly zero.
     return jnp.where((expert_ids < num_groups)[:, None], out, jnp.zeros((), out.dtype))

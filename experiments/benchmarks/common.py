@@ -220,8 +220,15 @@ def select_grouped_matmul(name: str) -> None:
 
 
 def set_cpu_threads(threads: int) -> None:
-    """Before JAX is imported: XLA:CPU intra-op threads (0 = library default)."""
+    """Before JAX / torch start their thread pools: use `threads` cores (0 = library defaults). The process is
+    pinned to the first `threads` cores it may use (XLA:CPU also runs independent thunks concurrently, which its
+    intra-op flag does not limit), and XLA's intra-op parallelism is set to match; torch gets
+    `torch.set_num_threads` from the caller. Pinned and single-threaded, process CPU time is the work done."""
     if threads:
+        try:
+            os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+        except (AttributeError, OSError):
+            pass
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    f"intra_op_parallelism_threads={threads}").strip()
 

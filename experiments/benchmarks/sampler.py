@@ -168,6 +168,7 @@ def torch_worker(args) -> dict:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     if args.threads:
+        common.set_cpu_threads(args.threads)
         torch.set_num_threads(args.threads)
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     config = common.model_config(args.preset, args.layers, canvas=args.canvas)

@@ -70,8 +70,8 @@ def parse_args(argv):
                         help="auto: JAX's default backend and cuda for torch when available, else the CPU; the same "
                              "command is the CPU and the GPU run")
     parser.add_argument("--threads", type=int, default=0,
-                        help="CPU threads for both sides (0: library defaults); 1 is the fair setting on a "
-                             "shared machine")
+                        help="CPU cores for each side (0: library defaults); N pins each side to the first N "
+                             "cores; 1 is the fair setting on a shared machine (rates then use CPU seconds)")
     parser.add_argument("--warmup", type=int, default=1, help="steps run before timing (after compilation)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps (the median is reported)")
     parser.add_argument("--peak_flops", type=float, default=None, help="override the MFU denominator (FLOP/s)")
@@ -174,6 +174,7 @@ def torch_worker(args, layers: int, mode: str) -> dict:
     from transformers import DiffusionGemmaForBlockDiffusion
 
     if args.threads:
+        common.set_cpu_threads(args.threads)
         torch.set_num_threads(args.threads)
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
     lora = mode == "lora"
