@@ -404,3 +404,31 @@ def test_training_curve_plot_from_the_run(trained, tmp_path):
     assert plots.main(["plots", "training", f"--workdir={trained[0]}", f"--output={output}"]) == 0
     assert open(output, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert plots.main(["plots", "training", f"--workdir={trained[0]}", f"--output={output}"]) == 1
+
+
+def test_periodic_evaluation_passes_its_sampler_settings(monkeypatch, tmp_path):
+    """The acceptance rule and threshold of `evaluation` reach the sampler; a bad rule fails at config time."""
+    import types
+
+    from diffusion_gemma.training import evaluation
+
+    with pytest.raises(ValueError, match="evaluation.acceptance"):
+        evaluation.EvaluationConfig(acceptance="most_likely")
+    seen = {}
+
+    def fake_solve(model, puzzles, fmt, sampler, **kwargs):
+        seen["sampler"] = sampler
+        boards = np.stack([sudoku.solve(p) for p in puzzles])  # a perfect solver: every board counts as solved
+        return sudoku_eval.Answers(boards, np.full(len(boards), 5), np.full(len(boards), 16.2, np.float32))
+
+    monkeypatch.setattr(sudoku_eval, "solve_diffusion", fake_solve)
+    config = evaluation.EvaluationConfig(every_steps=1, num_examples=3, min_givens=40, max_givens=45,
+                                         max_denoising_steps=7, greedy=True, acceptance="confidence",
+                                         accept_confidence=0.8)
+    evaluate = evaluation.make_evaluator(config, types.SimpleNamespace(sudoku_format="compact"), None,
+                                         str(tmp_path))
+    values = evaluate(types.SimpleNamespace(config=types.SimpleNamespace(canvas_length=81)), 1)
+    sampler = seen["sampler"]
+    assert (sampler.acceptance, sampler.accept_confidence, sampler.max_denoising_steps, sampler.greedy) == (
+        "confidence", 0.8, 7, True)
+    assert values["solve_rate"] == 1.0 and values["easy/solve_rate"] == 1.0 and values["mean_forwards"] == 5.0

@@ -19,6 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
+from diffusion_gemma.diffusion.sampler import ACCEPTANCE_RULES
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 EVALUATION_KINDS = ("sudoku", "samples")
@@ -39,6 +40,8 @@ class EvaluationConfig:
     max_givens: int = 50
     max_denoising_steps: int = 32
     greedy: bool = False
+    acceptance: str = "entropy_bound"  # the sampler's rule for which canvas tokens to keep each step
+    accept_confidence: float = 0.9     # threshold of the "confidence" rule
     prompts: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -46,8 +49,15 @@ class EvaluationConfig:
             raise ValueError(f"evaluation.kind = {self.kind!r}; expected one of {EVALUATION_KINDS}")
         if self.every_steps < 0 or self.num_examples <= 0 or self.batch_size <= 0:
             raise ValueError("evaluation.every_steps must be >= 0, num_examples and batch_size positive")
+        if self.acceptance not in ACCEPTANCE_RULES:
+            raise ValueError(f"evaluation.acceptance = {self.acceptance!r}; expected one of {ACCEPTANCE_RULES}")
         if self.every_steps and self.kind == "samples" and not self.prompts:
             raise ValueError("evaluation.kind = 'samples' needs evaluation.prompts")
+
+
+def _sampler_settings(config: EvaluationConfig) -> dict:
+    return dict(max_denoising_steps=config.max_denoising_steps, greedy=config.greedy, acceptance=config.acceptance,
+                accept_confidence=config.accept_confidence)
 
 
 def make_evaluator(config: EvaluationConfig, data_config, tokenizer, workdir: str) -> Evaluator | None:
@@ -70,7 +80,7 @@ def _sudoku_evaluator(config: EvaluationConfig, data_config, tokenizer) -> Evalu
 
     def evaluate(model: DiffusionGemma, step: int) -> dict:
         sampler = sudoku_eval.sampler_config(fmt, model.config.canvas_length,
-                                             max_denoising_steps=config.max_denoising_steps, greedy=config.greedy)
+                                             **_sampler_settings(config))
         answers = sudoku_eval.solve_diffusion(model, puzzles, fmt, sampler, batch_size=config.batch_size,
                                               seed=config.seed)
         report = sudoku_eval.score(puzzles, answers, solutions)
@@ -93,8 +103,7 @@ def _samples_evaluator(config: EvaluationConfig, tokenizer, workdir: str) -> Eva
 
     def evaluate(model: DiffusionGemma, step: int) -> dict:
         sampler = SamplerConfig(max_new_tokens=model.config.canvas_length,
-                                max_denoising_steps=config.max_denoising_steps, greedy=config.greedy,
-                                eos_token_ids=(tokenizer.eos_id,), pad_token_id=tokenizer.pad_id)
+                                **_sampler_settings(config), eos_token_ids=(tokenizer.eos_id,), pad_token_id=tokenizer.pad_id)
         result = generate(model, ids, mask, jax.random.key(config.seed), sampler)
         if jax.process_index() == 0:
             with open(path, "a", encoding="utf-8") as f:
