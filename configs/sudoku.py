@@ -53,11 +53,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.lora = dict(enabled=False)
     config.mesh = dict(data=-1, expert=1)
     config.checkpoint = dict(every_steps=200, keep=2, async_save=True)
-    config.evaluation = dict(every_steps=400, kind="sudoku", num_examples=64, batch_size=32, seed=1234,
-                             min_givens=35, max_givens=60, max_denoising_steps=32, greedy=True)
+    # Held-out easy puzzles (>= 40 givens, the "easy" bucket), greedy, confident cells first.
+    config.evaluation = dict(every_steps=400, kind="sudoku", num_examples=128, batch_size=64, seed=1234,
+                             min_givens=40, max_givens=60, max_denoising_steps=64, greedy=True,
+                             acceptance="confidence", accept_confidence=0.95)
 
     if variant == "":
-        config.num_steps = 800
+        config.num_steps = 900
+        config.evaluation.every_steps = 450
         config.log_every = 25
         _compact(config, preset="tiny", overrides={"vocab_size": 16, "canvas_length": 81, "sliding_window": 256})
         config.optimizer = dict(learning_rate=3e-3, end_learning_rate=3e-4, warmup_steps=50, b1=0.95, b2=0.99,
@@ -75,6 +78,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.evaluation.every_steps = 2000
         config.evaluation.num_examples = 256
         config.evaluation.batch_size = 128
+        config.evaluation.min_givens = 20  # every difficulty bucket
     else:  # finetune(_tiny): the released checkpoint, LoRA, chat format
         config.num_steps = 2000
         config.log_every = 10
@@ -91,6 +95,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.checkpoint.every_steps = 500
         config.evaluation.every_steps = 500
         config.evaluation.batch_size = 8
+        config.evaluation.num_examples = 64
+        config.evaluation.min_givens = 20  # every difficulty bucket
         if variant == "finetune_tiny":
             _tiny_finetune(config)
     return ml_collections.ConfigDict(config)

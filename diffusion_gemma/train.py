@@ -14,7 +14,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from diffusion_gemma import distributed
+from diffusion_gemma import distributed, host_allocator
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (path.py[:variant]).",
                                           lock_config=True)
@@ -62,4 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    host_allocator.reexec_with_huge_pages("diffusion_gemma.train")  # CPU steps ~1/3 faster; see the module
     app.run(main)
