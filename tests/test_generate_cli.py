@@ -63,7 +63,8 @@ def test_answer_prompts_batches_and_strips_eos(hf_dir):
         assert len(answer.token_ids) <= 16 and answer.tokens_per_forward >= 0
         assert answer.text == tokenizer.decode(answer.token_ids)
         blocks = -(-config.max_new_tokens // loaded.model.config.canvas_length)  # 16 tokens / canvas 8 = 2
-        assert 1 <= answer.denoising_steps <= blocks * config.max_denoising_steps
+        # A random model is never confident: every block runs its whole step budget.
+        assert answer.denoising_steps == blocks * config.max_denoising_steps
     assert any(answer.token_ids for answer in answers)
 
 
