@@ -68,6 +68,13 @@ class RopeConfig:
     partial_rotary_factor: float = 1.0
     factor: float = 1.0
 
+    @classmethod
+    def first_period(cls, period: float, head_dim: int) -> "RopeConfig":
+        """Full rotary whose fastest rotated pair after the first turns once every `period` positions (theta =
+        (period / 2pi) ** (head_dim / 2)). On a grid flattened row by row (Sudoku: period 9) the attention
+        logits can then single out same-column cells directly instead of learning it from 10,000-base angles."""
+        return cls(rope_type="default", theta=float((period / (2 * math.pi)) ** (head_dim / 2)))
+
     def to_hf(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.rope_type == "proportional" or self.partial_rotary_factor != 1.0:
@@ -123,6 +130,14 @@ class ModelConfig:
     remat: str = "none"
 
     def __post_init__(self):
+        # Config files (ml-collections) can only carry plain dicts; turn them into RopeConfig here.
+        for name in ("rope_local", "rope_global"):
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                unknown = sorted(set(value) - {f.name for f in dataclasses.fields(RopeConfig)})
+                if unknown:
+                    raise ConfigError(f"ModelConfig.{name}: unknown field(s) {unknown}")
+                object.__setattr__(self, name, RopeConfig(**value))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------- validation
@@ -262,11 +277,14 @@ class ModelConfig:
         """The released architecture (shared stack, 5:1 sliding/full pattern, top-k MoE, self-conditioning)
         sized for Sudoku from scratch in about one accelerator-hour: 12 layers, width 192, 8 experts top-2,
         ~11M parameters (a 44 MB fp32 checkpoint). The compact format's vocabulary (16) and one 81-cell canvas;
-        the window covers the whole 163-token sequence, since constraints link distant cells."""
+        the window covers the whole 163-token sequence, since constraints link distant cells. Full layers rotate
+        every dim starting at a 9-position period (`RopeConfig.first_period`; see experiments/sudoku/README.md
+        for the CPU A/B behind it)."""
         kwargs = dict(vocab_size=16, hidden_size=192, intermediate_size=384, num_layers=12, num_heads=6,
                       head_dim=32, num_kv_heads=2, global_head_dim=64, num_global_kv_heads=1, sliding_window=256,
                       num_experts=8, top_k=2, moe_intermediate_size=128, canvas_length=81,
-                      max_position_embeddings=512, eos_token_id=(1,), pad_token_id=0, bos_token_id=2)
+                      max_position_embeddings=512, eos_token_id=(1,), pad_token_id=0, bos_token_id=2,
+                      rope_global=RopeConfig.first_period(9, 64))
         kwargs.update(overrides)
         return cls.build(**kwargs)
 

@@ -7,7 +7,10 @@ import jax
 import pytest
 from flax import nnx
 
-from diffusion_gemma.config import FULL, SLIDING, ConfigError, ModelConfig
+import numpy as np
+
+from diffusion_gemma.config import FULL, SLIDING, ConfigError, ModelConfig, RopeConfig
+from diffusion_gemma.model.layers import rope_inv_freq
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 transformers = pytest.importorskip("transformers", reason="reference-parity dependency (pip install -e .[dev])")
@@ -75,7 +78,7 @@ def test_last_layer_is_forced_full_like_the_reference(tmp_path):
     assert ModelConfig.from_hf_config(hf).layer_types == (SLIDING, SLIDING, FULL)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "gemma4_26b_a4b"])
+@pytest.mark.parametrize("preset", ["tiny", "sudoku_small", "gemma4_26b_a4b"])
 def test_preset_exported_config_loads_in_transformers_and_reads_back_equal(tmp_path, preset):
     config = getattr(ModelConfig, preset)()
     hf = config.to_hf_config()
@@ -150,3 +153,24 @@ def test_json_round_trip_of_our_own_config():
     assert ModelConfig.from_json(config.to_json()) == config
     with pytest.raises(ConfigError, match="hidden_sise"):
         ModelConfig.from_json(json.dumps({"hidden_sise": 3}))
+
+
+def test_first_period_rope_turns_once_per_sudoku_row():
+    """theta = (9 / 2pi) ** (head_dim / 2): pair 1 advances 2pi/9 per position, so positions 9 apart (same column
+    of a row-major grid) get the same angle; every dim rotates (no pass-through)."""
+    for head_dim in (32, 64):
+        rope = RopeConfig.first_period(9, head_dim)
+        inv_freq = rope_inv_freq(rope, head_dim)
+        assert inv_freq.shape == (head_dim // 2,) and np.all(inv_freq > 0)
+        np.testing.assert_allclose(inv_freq[:2], [1.0, 2 * np.pi / 9], rtol=1e-6)
+        np.testing.assert_allclose(np.cos(inv_freq[1] * 81), 1.0, atol=1e-5)  # canvas cell -> its prompt cell
+    assert ModelConfig.sudoku_small().rope_global == RopeConfig.first_period(9, 64)
+
+
+def test_rope_given_as_plain_dict_becomes_rope_config_and_bad_keys_name_the_field():
+    """Config files (ml-collections) carry dicts; ModelConfig turns them into RopeConfig and rejects typos."""
+    config = ModelConfig.tiny(rope_global=dict(rope_type="default", theta=314.0, partial_rotary_factor=1.0))
+    assert config.rope_global == RopeConfig(rope_type="default", theta=314.0)
+    assert ModelConfig.from_json(config.to_json()) == config
+    with pytest.raises(ConfigError, match=r"rope_local.*thetta"):
+        ModelConfig.tiny(rope_local=dict(thetta=5.0))

@@ -540,6 +540,23 @@ def test_rope_tables_released_shape():
         assert max_ulp <= 1 and count <= 2, (layer_type, count, max_ulp)
 
 
+def test_rope_tables_sudoku_small_match_reference(tmp_path):
+    """The Sudoku preset's full layers (default rope, every dim rotated, theta = (9 / 2pi) ** 32) give the
+    reference's buffers once its config.json goes through transformers. numpy's and torch's float32 powers of a
+    98,629 base differ slightly (measured: 1 of 32 full-layer entries, by 2 ulp); bound: 2 entries, 2 ulp."""
+    import transformers
+    config = ModelConfig.sudoku_small()
+    hf = config.to_hf_config()
+    hf["vision_config"] = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    text = transformers.DiffusionGemmaConfig.from_pretrained(tmp_path).text_config
+    reference = _reference_rope(text)
+    assert not np.any(reference[FULL] == 0)  # nothing passes through unrotated
+    for layer_type, (count, max_ulp) in _rope_ulps(config, reference).items():
+        assert max_ulp <= 2 and count <= 2, (layer_type, count, max_ulp)
+
+
 def test_sharded_checkpoint_loads_identically(setups, tmp_path):
     """save_pretrained with a small max_shard_size (>= 3 shards + index) loads to the same parameters."""
     s = setups("default")

@@ -434,3 +434,55 @@ def test_periodic_evaluation_passes_its_sampler_settings(monkeypatch, tmp_path):
     assert (sampler.acceptance, sampler.accept_confidence, sampler.max_denoising_steps, sampler.greedy) == (
         "confidence", 0.8, 7, True)
     assert values["solve_rate"] == 1.0 and values["easy/solve_rate"] == 1.0 and values["mean_forwards"] == 5.0
+
+
+def test_ablation_table_summarises_a_training_workdir(trained, tmp_path, capsys):
+    workdir, result = trained
+    table = load_script("ablation_table")
+    out = tmp_path / "ablation.json"
+    table.main([workdir, f"--json={out}"])
+    (row,) = json.loads(out.read_text())
+    assert row["run"] == os.path.basename(workdir) and row["step"] == row["eval_step"] == 2
+    assert row["blank_cell_accuracy"] == result.history[-1]["eval/blank_cell_accuracy"]
+    assert f"| {row['run']} | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="ablation.json exists"):
+        table.main([workdir, f"--json={out}"])  # never overwrites a result
+    with pytest.raises(SystemExit, match=r"nowhere/metrics.jsonl: no metrics"):
+        table.main([str(tmp_path / "nowhere")])
+
+
+def test_ablation_config_variants_change_one_thing_each():
+    from diffusion_gemma.config import RopeConfig
+    from diffusion_gemma.training.config import from_config_dict
+    from diffusion_gemma.training.trainer import model_config_for
+
+    ablation = load_script("ablation_config")
+    default = model_config_for(from_config_dict(load_sudoku_config("")))
+    assert default.rope_global == RopeConfig.first_period(9, 32)
+    row = from_config_dict(ablation.get_config("row_rope"))
+    assert model_config_for(row) == default and row.num_steps == 300
+    gemma = model_config_for(from_config_dict(ablation.get_config("gemma_rope")))
+    assert gemma.rope_global == ModelConfig.tiny().rope_global and gemma.rope_local == ModelConfig.tiny().rope_local
+    local = model_config_for(from_config_dict(ablation.get_config("row_rope_local")))
+    assert local.rope_local == RopeConfig.first_period(9, 16) and local.rope_global == gemma.rope_global
+    mixed = from_config_dict(ablation.get_config("gemma_rope+ar0.1+lr0.006"))
+    assert (mixed.objective.ar_weight, mixed.optimizer.learning_rate) == (0.1, 0.006)
+    with pytest.raises(ValueError, match=r"ablation_config.py: unknown variant part 'rope9'"):
+        ablation.get_config("rope9")
+
+
+def test_committed_checkpoint_reproduces_its_recorded_evaluation():
+    """experiments/sudoku/checkpoint is the CPU run's step 800: through the evaluate CLI it solves the training
+    evaluation's 128 held-out easy puzzles as that run logged (24/128, 78.0% of blanks; README). Greedy and
+    deterministic; the bound of one board / 0.5 points allows for float reordering on another CPU."""
+    evaluate = load_script("evaluate")
+    doc = evaluate.run(["evaluate", f"--checkpoint={os.path.join(REPO, 'experiments', 'sudoku', 'checkpoint')}",
+                        "--generate=128", "--min_givens=40", "--max_givens=60", "--puzzle_seed=1234", "--greedy",
+                        "--steps=64", "--acceptance=confidence", "--accept_confidence=0.95", "--batch_size=64",
+                        "--noprogress"])
+    (result,) = doc["sets"]
+    report = result["report"]["all"]
+    assert result["count"] == 128
+    assert abs(report["solve_rate"] * 128 - 24) <= 1, report
+    assert abs(report["blank_cell_accuracy"] - 0.7803) <= 0.005, report
+    assert report["givens_preserved_rate"] == 1.0

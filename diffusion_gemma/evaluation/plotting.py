@@ -6,6 +6,7 @@ Only matplotlib's object API and the Agg backend are used (no pyplot state, no d
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import numpy as np
@@ -86,7 +87,7 @@ def sweep(points: Sequence[SweepPoint], title: str = ""):
 
 def by_givens(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], title: str = ""):
     """Solve rate by number of givens (marker area ~ puzzles), the difficulty buckets shaded."""
-    figure = _figure(6.4, 4.0)
+    figure = _figure(6.4, 4.0 + 0.2 * len(series))  # room for the legend below the axes
     ax = figure.add_subplot()
     ax.axvspan(0, sudoku.MEDIUM_MIN_GIVENS - 0.5, color="#fde0dd", alpha=0.5, label="hard")
     ax.axvspan(sudoku.MEDIUM_MIN_GIVENS - 0.5, sudoku.EASY_MIN_GIVENS - 0.5, color="#fff7bc", alpha=0.5,
@@ -97,12 +98,13 @@ def by_givens(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], titl
         if not len(givens):
             continue
         line, = ax.plot(givens, rates, linewidth=1)
-        ax.scatter(givens, rates, s=12 + 60 * counts / max(1, counts.max()), color=line.get_color(), label=name)
+        ax.scatter(givens, rates, s=12 + 60 * counts / max(1, counts.max()), color=line.get_color(),
+                   label=os.path.basename(name))
         low, high = min(low, givens.min()), max(high, givens.max())
     ax.set_xlim(low - 1 if high else 17, high + 1 if high else 81)
     ax.set(xlabel="givens", ylabel="solve rate", ylim=(-0.02, 1.02), title=title or "solve rate by givens")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)  # off the data
     return figure
 
 
