@@ -8,9 +8,10 @@
       --config.model.init_hf_dir=/path/to/tiny_hf_dir                                           # CPU smoke run
 
 Variants:
-- default: the `tiny` preset's widths (7 layers, shared stack, 8-expert MoE) trained from scratch on CPU in the
-  compact character format (prompt = `<bos>` + 81 cells, canvas = the 81 solution cells) on puzzles generated
-  on the fly from the TRAIN side of the split rule; evaluated during training on held-out generated puzzles.
+- default: the `tiny` preset's widths (7 layers, shared stack, 8-expert MoE; full layers with the row-period
+  rotary, `RopeConfig.first_period(9, ...)`) trained from scratch on CPU in the compact character format
+  (prompt = `<bos>` + 81 cells, canvas = the 81 solution cells) on puzzles generated on the fly from the TRAIN
+  side of the split rule; evaluated during training on held-out generated puzzles.
 - `gpu`: `ModelConfig.sudoku_small()` from scratch, the same data, sized for about one accelerator-hour.
 - `finetune`: Hackable Diffusion's `sft_sudoku` LoRA recipe for the released 26B checkpoint (rank 8 on all
   linear layers, one 256-token canvas, 2,000 steps, lr 1.5e-4 with 100 warm-up steps and cosine to 1.5e-5,
