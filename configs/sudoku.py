@@ -30,7 +30,6 @@ import dataclasses
 import ml_collections
 
 from diffusion_gemma.config import RopeConfig
-
 from diffusion_gemma.training import lora as lora_targets
 
 VARIANTS = ("", "gpu", "finetune", "finetune_tiny")

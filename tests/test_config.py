@@ -4,10 +4,9 @@ import dataclasses
 import json
 
 import jax
+import numpy as np
 import pytest
 from flax import nnx
-
-import numpy as np
 
 from diffusion_gemma.config import FULL, SLIDING, ConfigError, ModelConfig, RopeConfig
 from diffusion_gemma.model.layers import rope_inv_freq

@@ -103,7 +103,8 @@ def _samples_evaluator(config: EvaluationConfig, tokenizer, workdir: str) -> Eva
 
     def evaluate(model: DiffusionGemma, step: int) -> dict:
         sampler = SamplerConfig(max_new_tokens=model.config.canvas_length,
-                                **_sampler_settings(config), eos_token_ids=(tokenizer.eos_id,), pad_token_id=tokenizer.pad_id)
+                                **_sampler_settings(config), eos_token_ids=(tokenizer.eos_id,),
+                                pad_token_id=tokenizer.pad_id)
         result = generate(model, ids, mask, jax.random.key(config.seed), sampler)
         if jax.process_index() == 0:
             with open(path, "a", encoding="utf-8") as f:
