@@ -30,7 +30,7 @@ setup(
     extras_require={
         # Reference-parity tests run the transformers implementation on the CPU build of torch; the Sudoku plot
         # tests need matplotlib; tests/test_colabs.py executes the notebooks with nbclient on an ipykernel.
-        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers>=5.23", "torch==2.13.0", "matplotlib>=3.8",
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers==5.25.0", "torch==2.13.0", "matplotlib>=3.8",
                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
         # experiments/sudoku/plots.py (diffusion_gemma.evaluation.plotting).
         "plots": ["matplotlib>=3.8"],

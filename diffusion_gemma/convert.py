@@ -10,8 +10,9 @@ The checkpoint layout is described in `diffusion_gemma/checkpoints/orbax_io.py`.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
 
+from diffusion_gemma import cli
 from diffusion_gemma.config import DTYPES, ConfigError
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None,
@@ -42,19 +43,18 @@ def _check_flags(command: str) -> None:
     required, optional = _COMMANDS[command]
     for name in sorted(required):
         if flags.FLAGS[name].value is None:
-            raise app.UsageError(f"{command} needs --{name}")
+            raise cli.UsageError(f"{command} needs --{name}")
     for name in sorted(set().union(*(r | o for r, o in _COMMANDS.values())) - required - optional):
         if flags.FLAGS[name].present:
-            raise app.UsageError(f"--{name} does not apply to {command}")
+            raise cli.UsageError(f"--{name} does not apply to {command}")
 
 
 def main(argv):
     if len(argv) != 2 or argv[1] not in _COMMANDS:
-        raise app.UsageError(f"expected one sub-command, {' or '.join(_COMMANDS)}; got {argv[1:]}")
+        typo = cli.did_you_mean(argv[1], _COMMANDS) if len(argv) == 2 else ""
+        raise cli.UsageError(f"expected one sub-command, {' or '.join(_COMMANDS)}; got {argv[1:]}{typo}")
     command = argv[1]
     _check_flags(command)
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
     # Imported here so that `--help` and usage errors do not pay for JAX and Orbax.
     from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
 
@@ -70,11 +70,11 @@ def main(argv):
             summary = export_hf(_CHECKPOINT.value, _OUTPUT.value, base_hf_dir=_BASE_HF_DIR.value,
                                 merge_lora=_MERGE_LORA.value, max_shard_size=_MAX_SHARD_SIZE.value, dtype=_DTYPE.value,
                                 overwrite=_OVERWRITE.value, progress=_PROGRESS.value)
-    except (CheckpointError, ConfigError, FileExistsError, ValueError) as err:
-        raise SystemExit(f"{command}: error: {err}") from None
+    except (CheckpointError, ConfigError, OSError, ValueError) as err:
+        raise cli.UserError(f"{command}: {cli.message_of(err)}") from err
     print(f"{command}: wrote {summary.output} ({summary.tensor_bytes / 1e6:,.1f} MB of tensors in "
           f"{summary.seconds:.1f} s, {summary.megabytes_per_second:,.0f} MB/s)")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_absl("convert", main)

@@ -3,9 +3,10 @@
     python -m diffusion_gemma.generate --hf_dir=DIR --prompt="Why is the sky blue?" --chat
     python -m diffusion_gemma.generate --checkpoint=CKPT --prompts_file=prompts.jsonl --output=answers.jsonl
 
-The model comes from a HuggingFace directory (`--hf_dir`) or one of our Orbax checkpoints (`--checkpoint`, whose
-`hf/` side directory holds the tokenizer and generation config). Sampling settings are the checkpoint's
-`generation_config.json`, then the flags. A prompts file is JSONL, one prompt per line: a JSON string or an
+The model comes from a HuggingFace directory (`--hf_dir`) or one of our Orbax checkpoints (`--checkpoint`, a
+training run's `WORKDIR/checkpoints` included, LoRA adapters merged), loaded as evaluation loads it
+(`evaluation.loading`) with the tokenizer and generation config that travel with it. Sampling settings are the
+model's `generation_config.json`, then the flags. A prompts file is JSONL, one prompt per line: a JSON string or an
 object with a "prompt" field; prompts are left-padded into batches of `--batch_size`. For every prompt the
 answer, its tokens per decoder forward pass and the batch's wall time are printed.
 """
@@ -14,16 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from diffusion_gemma.data.tokenizer import Tokenizer, chat_prompt_ids, find_tokenizer_file, load_tokenizer
+from diffusion_gemma import cli
+from diffusion_gemma.data.tokenizer import (Tokenizer, TokenizerError, chat_prompt_ids, load_tokenizer,
+                                            vocabulary_task)
 from diffusion_gemma.diffusion import sampler as sampler_lib
 from diffusion_gemma.model.transformer import DiffusionGemma
 
@@ -47,7 +49,9 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.json / sentencepi
 _DTYPE = flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
 _COMPUTE_DTYPE = flags.DEFINE_string("compute_dtype", None, "Compute dtype (default: the parameter dtype).")
 _SHOW_STEPS = flags.DEFINE_bool("show_steps", False, "Print every row's argmax canvas after each denoising step.")
-_OUTPUT = flags.DEFINE_string("output", None, "Also write one JSON line per prompt here.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write one JSON line per prompt here (refused if it exists, "
+                              "unless --overwrite).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,44 +62,6 @@ class Answer:
     tokens_per_forward: float
     denoising_steps: int
     seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    model: DiffusionGemma
-    sampler_config: sampler_lib.SamplerConfig
-    tokenizer_dir: str | None
-    generation_config: str | None
-
-
-def load(*, hf_dir: str | None = None, checkpoint: str | None = None, dtype: str = "float32",
-         compute_dtype: str | None = None) -> LoadedModel:
-    """The model and its sampling defaults. Without EOS/pad ids in generation_config.json, the model config's
-    are used so that answers end (the reference would then run to max_new_tokens)."""
-    if (hf_dir is None) == (checkpoint is None):
-        raise ValueError("give exactly one of --hf_dir and --checkpoint")
-    if hf_dir is not None:
-        from diffusion_gemma.checkpoints.hf import load_hf
-
-        model = load_hf(hf_dir, dtype=dtype, compute_dtype=compute_dtype)
-        side_dir = hf_dir
-    else:
-        try:
-            from diffusion_gemma.checkpoints.orbax_io import locate, load_model
-        except ImportError as err:
-            raise RuntimeError(f"--checkpoint needs diffusion_gemma.checkpoints.orbax_io ({err}); use --hf_dir")
-        model = load_model(checkpoint, param_dtype=dtype, dtype=compute_dtype or dtype)
-        side_dir = locate(checkpoint).find("hf")
-    generation_config = None
-    if side_dir is not None and os.path.exists(os.path.join(side_dir, sampler_lib.GENERATION_CONFIG_FILE)):
-        generation_config = os.path.join(side_dir, sampler_lib.GENERATION_CONFIG_FILE)
-    config = sampler_lib.SamplerConfig.from_generation_config(generation_config or {})
-    if not config.eos_token_ids:
-        logging.info("generation config has no EOS ids; using the model config's %s", model.config.eos_token_ids)
-        config = config.replace(eos_token_ids=model.config.eos_token_ids)
-    if config.pad_token_id is None:
-        config = config.replace(pad_token_id=model.config.pad_token_id)
-    return LoadedModel(model, config, side_dir, generation_config)
 
 
 def sampler_overrides(**flag_values) -> dict:
@@ -117,9 +83,9 @@ def read_prompts(path: str) -> list[str]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.rstrip())  # without the newline, a column on this line
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: invalid JSON ({err})") from None
+                raise ValueError(f"{path}:{number}:{err.colno}: invalid JSON ({err.msg})") from None
             prompt = record.get("prompt") if isinstance(record, dict) else record
             if not isinstance(prompt, str):
                 raise ValueError(f"{path}:{number}: expected a JSON string or an object with a string 'prompt'")
@@ -149,7 +115,7 @@ def answer_prompts(model: DiffusionGemma, tokenizer: Tokenizer, prompts: Sequenc
                    for p in batch]
         too_large = max(max(ids) for ids in encoded)
         if too_large >= model.config.vocab_size:
-            raise ValueError(f"token id {too_large} is outside the model's vocabulary ({model.config.vocab_size}): "
+            raise TokenizerError(f"token id {too_large} is outside the model's vocabulary ({model.config.vocab_size}): "
                              "is the tokenizer the model's?")
         prompt_ids, prompt_mask = sampler_lib.left_pad(encoded, tokenizer.pad_id)
         key = jax.random.fold_in(jax.random.key(seed), start // batch_size)
@@ -177,22 +143,38 @@ def print_steps(tokenizer: Tokenizer) -> Callable[[sampler_lib.StepEvent], None]
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        raise cli.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
-        raise app.UsageError("give exactly one of --prompt and --prompts_file")
+        raise cli.UsageError("give exactly one of --prompt and --prompts_file")
     if (_HF_DIR.value is None) == (_CHECKPOINT.value is None):
-        raise app.UsageError("give exactly one of --hf_dir and --checkpoint")
-    loaded = load(hf_dir=_HF_DIR.value, checkpoint=_CHECKPOINT.value, dtype=_DTYPE.value,
-                  compute_dtype=_COMPUTE_DTYPE.value)
-    tokenizer_path = _TOKENIZER.value or (loaded.tokenizer_dir and find_tokenizer_file(loaded.tokenizer_dir))
+        raise cli.UsageError("give exactly one of --hf_dir and --checkpoint")
+    try:  # before the model loads: a bad prompts file should not cost a minute of loading
+        prompts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
+    except (OSError, ValueError) as err:
+        raise cli.UserError(cli.message_of(err)) from err
+    from diffusion_gemma.evaluation import loading, outputs
+
+    if _OUTPUT.value:
+        try:  # before any work: an existing answers file is a user's, kept unless --overwrite
+            outputs.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)
+        except OSError as err:
+            raise cli.UserError(str(err)) from None
+
+    loaded = loading.load(hf_dir=_HF_DIR.value, checkpoint=_CHECKPOINT.value, dtype=_DTYPE.value,
+                          compute_dtype=_COMPUTE_DTYPE.value)
+    task = vocabulary_task(loaded.tokenizer) if loaded.tokenizer else None
+    if task:  # ids of a task's data, not text: no tokenizer turns a prompt into them
+        source = f"--checkpoint={_CHECKPOINT.value}" if _CHECKPOINT.value else f"--hf_dir={_HF_DIR.value}"
+        raise cli.UserError(f"this model's vocabulary is the {task.get('name')} task's {task.get('format')} format, "
+                            f"not text; use {task.get('evaluate')} {source}")
+    tokenizer_path = _TOKENIZER.value or loaded.tokenizer
     if not tokenizer_path:
-        raise app.UsageError("no tokenizer.json / tokenizer.model next to the model: pass --tokenizer")
+        raise cli.UsageError("no tokenizer.json / tokenizer.model ships with the model: pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path)
-    config = loaded.sampler_config.replace(**sampler_overrides(
+    config = loaded.sampler_config().replace(**sampler_overrides(
         max_new_tokens=_MAX_NEW_TOKENS.value, max_denoising_steps=_MAX_STEPS.value, strategy=_STRATEGY.value,
         entropy_bound=_ENTROPY_BOUND.value, accept_confidence=_ACCEPT_CONFIDENCE.value,
         accept_top_k=_ACCEPT_TOP_K.value, greedy=_GREEDY.value, fixed_steps=_FIXED_STEPS.value))
-    prompts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
     logging.info("jax %s on %s; sampler %s", jax.__version__, jax.devices(), config)
     answers = answer_prompts(loaded.model, tokenizer, prompts, config, chat=_CHAT.value, seed=_SEED.value,
                              batch_size=_BATCH_SIZE.value, on_step=print_steps(tokenizer) if _SHOW_STEPS.value
@@ -205,10 +187,14 @@ def main(argv):
               f"{answer.denoising_steps} denoising steps, {answer.seconds:.2f} s for its batch "
               f"(the first batch includes compilation)", file=sys.stdout, flush=True)
     if _OUTPUT.value:
-        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-            for answer in answers:
-                f.write(json.dumps(dataclasses.asdict(answer)) + "\n")
+        with outputs.atomic_path(_OUTPUT.value, overwrite=_OVERWRITE.value) as tmp:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for answer in answers:
+                    f.write(json.dumps(dataclasses.asdict(answer)) + "\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
+    from diffusion_gemma.config import ConfigError
+
+    cli.run_absl("generate", main, user_errors=(CheckpointError, ConfigError, TokenizerError, OSError))

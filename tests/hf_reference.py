@@ -5,6 +5,7 @@ stack ignores), optionally randomises every "ones-initialised" tensor the refere
 and saves it with `save_pretrained`. `ReferenceBank` memoises one checkpoint per configuration so a module-scoped
 fixture builds each configuration once. The `reference_*` helpers run the torch model the way our API is used:
 one full forward, or the encoder chunk by chunk on one `DynamicCache` followed by read-only decodes.
+`float64_twin` + `float64_mode()` run the same reference entirely in float64: the yardstick for float32 rounding.
 
 Tying in the reference (transformers 5.23, checked here): every text weight of
 `model.encoder.language_model` IS the decoder's tensor (`_tied_weights_keys` ties parameters only), but the
@@ -15,12 +16,14 @@ both (`model.decoder.layers.{i}.layer_scalar` and `model.encoder.language_model.
 
 from __future__ import annotations
 
-import contextlib
+import copy
 import os
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
 from transformers.cache_utils import DynamicCache
 from transformers.models.diffusion_gemma import modeling_diffusion_gemma as hf_dg
@@ -143,15 +146,48 @@ def _t(x) -> torch.Tensor | None:
     return torch.from_numpy(array.astype(np.int64) if array.dtype.kind in "iub" else array.astype(np.float32))
 
 
-@contextlib.contextmanager
-def attn_implementation(model: DiffusionGemmaForBlockDiffusion, name: str):
-    """Temporarily switch the reference's attention implementation ("eager", "sdpa")."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation(name)
-    try:
-        yield model
-    finally:
-        model.set_attn_implementation(previous)
+class _Float64Everywhere(TorchFunctionMode):
+    """Every torch call asked for float32 (`.float()`, `dtype=torch.float32`, `.to(torch.float32)`) runs in float64
+    instead, and a float32 result is an error: the reference keeps its RMSNorms, softmaxes, rotary angles and
+    logit softcap in float32 even when its weights are float64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in (kwargs or {}).items()}
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        if func is torch.Tensor.float:
+            func = torch.Tensor.double
+        result = func(*args, **kwargs)
+        if isinstance(result, torch.Tensor) and result.dtype == torch.float32:
+            raise AssertionError(f"{func} returned float32 inside the float64 reference")
+        return result
+
+
+_FLOAT64_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def float64_twin(model: DiffusionGemmaForBlockDiffusion) -> DiffusionGemmaForBlockDiffusion:
+    """A float64 copy of `model` (memoised), rotary tables recomputed in float64 and eager experts (torch's
+    grouped_mm has no float64 kernel). Run it inside `float64_mode()` so no op falls back to float32."""
+    if model not in _FLOAT64_TWINS:
+        twin = copy.deepcopy(model).double()
+        twin.set_experts_implementation("eager")
+        for rotary in (twin.model.encoder.language_model.rotary_emb, twin.model.decoder.rotary_emb):
+            for layer_type, inv_freq in float64_inv_freq(rotary).items():
+                setattr(rotary, f"{layer_type}_inv_freq", inv_freq)
+        _FLOAT64_TWINS[model] = twin
+    return _FLOAT64_TWINS[model]
+
+
+def float64_inv_freq(rotary: hf_dg.DiffusionGemmaTextRotaryEmbedding) -> dict[str, torch.Tensor]:
+    """{layer type: the reference's own inverse-frequency formula evaluated in float64} (its buffers are float32)."""
+    with float64_mode():
+        return {layer_type: init(rotary.config.per_layer_config[layer_type], layer_type=layer_type)[0]
+                for layer_type, init in rotary.rope_init_fns.items()}
+
+
+def float64_mode() -> TorchFunctionMode:
+    """Context manager: float64 wherever the reference asks for float32 (see `float64_twin`)."""
+    return _Float64Everywhere()
 
 
 @torch.no_grad()

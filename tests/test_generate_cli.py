@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="builds the checkpoint with transform
 
 from diffusion_gemma import generate as cli  # noqa: E402
 from diffusion_gemma.data.tokenizer import load_tokenizer  # noqa: E402
+from diffusion_gemma.evaluation import loading  # noqa: E402
 from hf_reference import FULL, make_reference  # noqa: E402
 from test_tokenizer import build_hf_tokenizer  # noqa: E402
 
@@ -39,23 +40,23 @@ def hf_dir(tmp_path_factory):
 
 
 def test_load_reads_generation_config_and_falls_back_to_model_eos(hf_dir, tmp_path):
-    loaded = cli.load(hf_dir=hf_dir)
-    assert loaded.sampler_config.max_denoising_steps == 4 and loaded.sampler_config.eos_token_ids == (1, 5)
-    assert loaded.tokenizer_dir == hf_dir
+    loaded = loading.load(hf_dir=hf_dir)
+    assert loaded.sampler_config().max_denoising_steps == 4 and loaded.sampler_config().eos_token_ids == (1, 5)
+    assert loaded.tokenizer == os.path.join(hf_dir, "tokenizer.json")
     bare = str(tmp_path / "bare")
     shutil.copytree(hf_dir, bare)
     os.remove(os.path.join(bare, "generation_config.json"))
-    fallback = cli.load(hf_dir=bare).sampler_config
+    fallback = loading.load(hf_dir=bare).sampler_config()
     assert fallback.max_denoising_steps == 48  # the reference's default
     assert fallback.eos_token_ids == loaded.model.config.eos_token_ids and fallback.pad_token_id == 0
     with pytest.raises(ValueError, match="exactly one"):
-        cli.load()
+        loading.load()
 
 
 def test_answer_prompts_batches_and_strips_eos(hf_dir):
-    loaded = cli.load(hf_dir=hf_dir)
+    loaded = loading.load(hf_dir=hf_dir)
     tokenizer = load_tokenizer(hf_dir)
-    config = loaded.sampler_config
+    config = loaded.sampler_config()
     answers = cli.answer_prompts(loaded.model, tokenizer, PROMPTS, config, chat=True, seed=0, batch_size=2)
     assert [a.prompt for a in answers] == PROMPTS
     for answer in answers:
@@ -74,12 +75,13 @@ def test_checkpoint_loads_like_the_hf_dir(hf_dir, tmp_path):
     streaming = pytest.importorskip("diffusion_gemma.checkpoints.streaming")
     checkpoint = str(tmp_path / "ckpt")
     streaming.import_hf(hf_dir, checkpoint, progress=False)
-    from_checkpoint, from_hf = cli.load(checkpoint=checkpoint), cli.load(hf_dir=hf_dir)
-    assert from_checkpoint.sampler_config == from_hf.sampler_config
-    assert load_tokenizer(from_checkpoint.tokenizer_dir).encode("hello world") == load_tokenizer(hf_dir).encode(
+    from_checkpoint, from_hf = loading.load(checkpoint=checkpoint), loading.load(hf_dir=hf_dir)
+    assert from_checkpoint.sampler_config() == from_hf.sampler_config()
+    assert load_tokenizer(from_checkpoint.tokenizer).encode("hello world") == load_tokenizer(hf_dir).encode(
         "hello world")
     tokenizer = load_tokenizer(hf_dir)
-    answers = [cli.answer_prompts(loaded.model, tokenizer, PROMPTS, loaded.sampler_config, chat=True, batch_size=2)
+    answers = [cli.answer_prompts(loaded.model, tokenizer, PROMPTS, loaded.sampler_config(), chat=True,
+                                  batch_size=2)
                for loaded in (from_checkpoint, from_hf)]
     assert [a.token_ids for a in answers[0]] == [a.token_ids for a in answers[1]]
 
@@ -130,9 +132,9 @@ def test_main_batch_mode_prints_and_writes_answers(hf_dir, tmp_path, capsys):
 
 
 def test_usage_errors_exit_before_loading(hf_dir):
-    """Runs the real entry point; absl reports usage errors with exit status 1 before JAX loads the model."""
+    """Runs the real entry point; a usage error is one line with exit status 2, before JAX loads the model."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, "-m", "diffusion_gemma.generate", f"--hf_dir={hf_dir}"], cwd=root,
                             env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1 and "exactly one of --prompt and --prompts_file" in result.stderr
+    assert result.returncode == 2 and "exactly one of --prompt and --prompts_file" in result.stderr

@@ -21,7 +21,7 @@ from diffusion_gemma.training.config import CheckpointSection, ModelSection
 # Float tolerance between the two-process and the one-process run: same program, compiler flags and data rows,
 # but the cross-process reductions run through gloo instead of XLA's in-process all-reduce, which may add
 # partial sums in another order: fp32 rounding, ~1e-7 relative per step, compounded over a few Adam steps.
-# Measured: 6.2e-8 at most on the losses (printed with -s).
+# The measured difference is printed with -s.
 RTOL = 1e-5
 
 
@@ -63,13 +63,13 @@ def test_two_processes_die_mid_save_resume_and_match_one_process(tmp_path):
     # Run 2: both resume from checkpoint 2 and finish.
     processes, logs = launch(2)
     assert wait_all(processes + [one], 600, logs + [one_log]) == [0, 0, 0], tails(logs + [one_log])
-    records = read_metrics(workdir)  # process 0 alone writes metrics: each step once per run
-    assert [record["step"] for record in records] == list(range(1, len(crashed) + 1)) + [3, 4, 5, 6]
+    # Process 0 alone writes metrics; the resumed run's lines for steps 3 on replaced the crashed run's.
+    records = read_metrics(workdir)
+    assert [record["step"] for record in records] == list(range(1, config.num_steps + 1))
     assert len(os.listdir(os.path.join(workdir, "tensorboard"))) == 2  # one event file per run, process 0's
     assert checkpoint_steps(workdir) == [2, 4, 6]
 
-    losses = {record["step"]: record["loss"] for record in records}  # the resumed run's where repeated
-    two = np.array([losses[step] for step in range(1, config.num_steps + 1)])
+    two = np.array([record["loss"] for record in records])
     reference = np.array([record["loss"] for record in read_metrics(one_dir)])
     worst = float(np.max(np.abs(two - reference) / np.abs(reference)))
     print(f"two processes vs one: max relative loss difference {worst:.1e}")
@@ -124,8 +124,8 @@ def test_launch_kind_detects_clusters_and_checks_manual_flags():
 def test_one_process_stop_signal_turns_sigterm_into_a_stop_and_restores_the_handler():
     previous = signal.getsignal(signal.SIGTERM)
     with distributed.StopSignal() as stop:
-        assert not stop.should_stop(1)
+        assert not stop.check()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.should_stop(2)
+        assert stop.check() and stop.reason == "SIGTERM"
     assert signal.getsignal(signal.SIGTERM) is previous
     distributed.barrier("a_no_op_for_one_process")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffusion_gemma.checkpoints import orbax_io
 from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.data import sudoku
@@ -24,7 +25,7 @@ from diffusion_gemma.data.sudoku_format import (SYSTEM_PROMPT, ChatFormat, Compa
 from diffusion_gemma.data.tokenizer import load_tokenizer
 from diffusion_gemma.diffusion import autoregressive
 from diffusion_gemma.diffusion.sampler import left_pad
-from diffusion_gemma.evaluation import loading, outputs, puzzle_sets
+from diffusion_gemma.evaluation import outputs, puzzle_sets
 from diffusion_gemma.evaluation import sudoku as sudoku_eval
 from diffusion_gemma.model.transformer import DiffusionGemma
 
@@ -202,6 +203,69 @@ def test_nine_line_grids_and_solution_checks_name_file_and_line(tmp_path, pairs)
     assert len(puzzle_sets.load_set(str(good), str(sols), limit=1)) == 1
 
 
+def _without_solution(puzzle, solution):
+    """`puzzle` with one blank filled by a digit that breaks no rule among the givens but is not the (unique)
+    solution's: every solution of the result would solve `puzzle` too, so it has none."""
+    filled = puzzle.copy()
+    for row, col in np.argwhere(puzzle == 0):
+        box = puzzle[row // 3 * 3: row // 3 * 3 + 3, col // 3 * 3: col // 3 * 3 + 3]
+        seen = set(puzzle[row]) | set(puzzle[:, col]) | set(box.reshape(-1))
+        free = [d for d in range(1, 10) if d not in seen and d != solution[row, col]]
+        if free:
+            filled[row, col] = free[0]
+            return filled
+    raise AssertionError("no blank with a free wrong digit")
+
+
+def test_puzzle_files_are_checked_for_rule_breaking_unsolvable_and_ambiguous_puzzles(tmp_path, pairs):
+    puzzles, solutions = pairs
+    clash = puzzles[1].copy()
+    row, col = np.argwhere(clash == 0)[0]
+    clash[row, col] = clash[row][clash[row] > 0][0]  # a digit already given in that row
+    several = np.zeros_like(puzzles[2])
+    several.reshape(-1)[:10] = solutions[2].reshape(-1)[:10]  # 10 givens: far from unique
+    unsolvable = _without_solution(puzzles[3], solutions[3])
+    assert sudoku.count_solutions(unsolvable) == 0 and sudoku.validate(unsolvable, unsolvable).units_valid
+    path = tmp_path / "p.txt"
+    path.write_text("# a header line\n" + "".join(sudoku.format_grid(p, "compact") + "\n"
+                                                  for p in (puzzles[0], clash, several, unsolvable)))
+    digit = int(clash[row, col])
+    with pytest.raises(puzzle_sets.InvalidPuzzleError) as err:
+        puzzle_sets.load_set(str(path))
+    assert str(err.value) == (f"{path}:3: the givens break the Sudoku rules: digit {digit} appears 2 times in row "
+                              f"{row + 1} (and 2 more invalid puzzle(s) in the file)")
+    loaded = puzzle_sets.load_set(str(path), allow_invalid=True)
+    assert len(loaded) == 4 and [p.index for p in loaded.invalid] == [1, 2, 3]
+    assert [p.problem.split(": ", 1)[1] for p in loaded.invalid[1:]] == [
+        "the puzzle has more than one solution", "the puzzle has no solution"]
+    assert [p.problem.split(":")[1] for p in loaded.invalid] == ["3", "4", "5"]
+    assert puzzle_sets.load_set(str(path), limit=1).invalid == ()  # only the puzzles kept are checked
+
+    # A listed solution of another puzzle: a valid grid that does not complete this one.
+    good = tmp_path / "good.txt"
+    good.write_text("".join(sudoku.format_grid(p, "compact") + "\n" for p in puzzles[:3]))
+    sols = tmp_path / "s.txt"
+    sols.write_text("".join(sudoku.format_grid(s, "compact") + "\n" for s in (solutions[0], solutions[0],
+                                                                              solutions[2])))
+    loaded = puzzle_sets.load_set(str(good), str(sols), allow_invalid=True)
+    (problem,) = loaded.invalid
+    assert problem.index == 1 and problem.problem.startswith(f"{sols}:2: the solution changes ")
+    assert problem.problem.endswith(f" given(s) (puzzle {good}:2)")
+    np.testing.assert_array_equal(loaded.solutions, solutions[:3])  # scored against the puzzle's own solution
+
+
+@pytest.mark.parametrize("cells,expected", [
+    ({(0, 0): 5, (0, 8): 5}, "digit 5 appears 2 times in row 1"),
+    ({(1, 4): 7, (8, 4): 7, (5, 4): 7}, "digit 7 appears 3 times in column 5"),
+    ({(3, 6): 2, (5, 8): 2}, "digit 2 appears 2 times in box 6"),
+])
+def test_rule_breaking_givens_are_named_by_unit(cells, expected):
+    grid = np.zeros((9, 9), np.int8)
+    for (row, col), digit in cells.items():
+        grid[row, col] = digit
+    assert puzzle_sets.puzzle_problem(grid) == f"the givens break the Sudoku rules: {expected}"
+
+
 def test_json_output_is_atomic_and_never_replaced_silently(tmp_path):
     path = str(tmp_path / "out.json")
     outputs.write_json(path, {"rate": float("nan"), "n": np.int64(3), "by": {25: 1.0}}, overwrite=False)
@@ -223,13 +287,13 @@ def test_merge_adapters_folds_stacked_and_plain_lora():
     values = {("blocks", "0", "q"): kernel, ("blocks", "0", "q_lora", "a"): a, ("blocks", "0", "q_lora", "b"): b,
               ("sc", "up"): plain, ("sc", "up_lora", "a"): pa, ("sc", "up_lora", "b"): pb}
     lora = {"blocks/0/q_lora": {"scale": 2.0, "batch_dims": 0}, "sc/up_lora": {"scale": 0.5, "batch_dims": 0}}
-    assert loading.merge_adapters(values, lora, where="ckpt") == 2
+    assert orbax_io.merge_adapters(values, lora, where="ckpt") == 2
     assert set(values) == {("blocks", "0", "q"), ("sc", "up")}
     np.testing.assert_allclose(values[("blocks", "0", "q")], kernel + 2.0 * np.einsum("lir,lro->lio", a, b),
                                rtol=1e-6)
     np.testing.assert_allclose(values[("sc", "up")], plain + 0.5 * pa @ pb, rtol=1e-6)
     with pytest.raises(CheckpointError, match="no scale recorded for adapter 'x_lora'"):
-        loading.merge_adapters({("x",): plain, ("x_lora", "a"): pa, ("x_lora", "b"): pb}, {}, where="ckpt")
+        orbax_io.merge_adapters({("x",): plain, ("x_lora", "a"): pa, ("x_lora", "b"): pb}, {}, where="ckpt")
 
 
 # ---------------------------------------------------------------------------------- the autoregressive baseline
@@ -399,6 +463,45 @@ def test_evaluate_cli_reports_bad_puzzle_file_with_line(tmp_path, puzzle_files, 
     assert "exactly one of --checkpoint and --hf_dir" in capsys.readouterr().err
 
 
+def test_evaluate_cli_stops_at_an_invalid_puzzle_unless_allowed(trained, puzzle_files, pairs, tmp_path, capsys):
+    puzzles, solutions = pairs
+    evaluate = load_script("evaluate")
+    path = tmp_path / "ambiguous.txt"
+    several = np.zeros_like(puzzles[0])
+    several[0] = solutions[0][0]  # one full row: many completions
+    path.write_text("".join(sudoku.format_grid(p, "compact") + "\n" for p in (*puzzles[:3], several)))
+    output = tmp_path / "eval.json"
+    # Checked before the model loads: the puzzle's line, not the missing checkpoint.
+    assert evaluate.main(["evaluate", "--checkpoint=/nonexistent", f"--puzzles={path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"evaluate: error: {path}:4: the puzzle has more than one solution; "
+                                "--allow_invalid scores such puzzles anyway"]
+    argv = ["evaluate", f"--checkpoint={os.path.join(trained[0], 'checkpoints')}", f"--puzzles={path}",
+            "--steps=4", f"--batch_size={BATCH}", "--noprogress", f"--output={output}", "--allow_invalid"]
+    assert evaluate.main(argv) == 0, capsys.readouterr().err
+    assert (f"{path}: 1 invalid puzzle(s) scored (--allow_invalid), the first: {path}:4: the puzzle has more "
+            "than one solution") in capsys.readouterr().out
+    (result,) = json.loads(output.read_text())["sets"]
+    assert result["count"] == 4 and result["invalid"] == [
+        dict(index=3, problem=f"{path}:4: the puzzle has more than one solution")]
+
+
+def test_evaluate_defaults_are_the_training_evaluation():
+    """The CLI's defaults build the sampler, puzzle stream and batches of configs/sudoku.py's periodic evaluation,
+    so `--generate=128 --min_givens=40` re-runs it."""
+    from diffusion_gemma.training import evaluation
+
+    evaluate = load_script("evaluate")
+    evaluate.parse(["evaluate", "--checkpoint=c", "--generate=1"])
+    config = evaluation.EvaluationConfig(**load_sudoku_config("").evaluation)
+    fmt = CompactFormat()
+    assert (sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides())
+            == sudoku_eval.sampler_config(fmt, 81, **evaluation._sampler_settings(config)))
+    flags = evaluate.FLAGS
+    assert (flags.seed, flags.puzzle_seed, flags.batch_size, flags.max_givens) == (
+        config.seed, config.seed, config.batch_size, config.max_givens)
+
+
 def test_training_curve_plot_from_the_run(trained, tmp_path):
     pytest.importorskip("matplotlib", reason="the plots need the optional 'plots' extra (matplotlib)")
     plots = load_script("plots")
@@ -472,14 +575,13 @@ def test_ablation_config_variants_change_one_thing_each():
 
 
 def test_committed_checkpoint_reproduces_its_recorded_evaluation():
-    """experiments/sudoku/checkpoint is the CPU run's step 800: through the evaluate CLI it solves the training
-    evaluation's 128 held-out easy puzzles as that run logged (24/128, 78.0% of blanks; README). Greedy and
-    deterministic; the bound of one board / 0.5 points allows for float reordering on another CPU."""
+    """experiments/sudoku/checkpoint is the CPU run's step 800: through the evaluate CLI, with its defaults (the
+    training evaluation's settings), it solves the training evaluation's 128 held-out easy puzzles as that run
+    logged (24/128, 78.0% of blanks; README). Greedy and deterministic; the bound of one board / 0.5 points
+    allows for float reordering on another CPU."""
     evaluate = load_script("evaluate")
     doc = evaluate.run(["evaluate", f"--checkpoint={os.path.join(REPO, 'experiments', 'sudoku', 'checkpoint')}",
-                        "--generate=128", "--min_givens=40", "--max_givens=60", "--puzzle_seed=1234", "--greedy",
-                        "--steps=64", "--acceptance=confidence", "--accept_confidence=0.95", "--batch_size=64",
-                        "--noprogress"])
+                        "--generate=128", "--min_givens=40", "--noprogress"])
     (result,) = doc["sets"]
     report = result["report"]["all"]
     assert result["count"] == 128

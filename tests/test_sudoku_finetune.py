@@ -103,10 +103,11 @@ def test_finetune_tiny_trains_lora_and_evaluates_with_both_decoders(hf_dir, tmp_
         if decoder == "diffusion":
             # 4 LoRA steps on a random base: never confident, so every puzzle runs the whole 4-step budget.
             assert overall["mean_forwards"] == 4.0 and doc["sampler"]["max_new_tokens"] == CANVAS
+            diffusion_sets = doc["sets"]
         else:
             # One forward per answer token, up to the chat answer's 83 tokens (no early stop turn-end from this model).
             assert overall["mean_forwards"] == 83.0 and overall["mean_tokens_per_forward"] == 1.0
     assert "(autoregressive," in capsys.readouterr().out
-    # Without a tokenizer next to the weights (the run started from a raw HF dir) the chat format asks for one.
-    with pytest.raises(ValueError, match="pass --tokenizer"):
-        evaluate.run([a for a in argv if not a.startswith("--tokenizer")])
+    # The run carries its tokenizer (copied from the HF dir at the start), so --tokenizer is not needed.
+    untokenized = evaluate.run([a for a in argv if not a.startswith("--tokenizer")] + ["--decoder=diffusion"])
+    assert [s["report"] for s in untokenized["sets"]] == [s["report"] for s in diffusion_sets]

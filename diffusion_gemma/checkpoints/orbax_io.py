@@ -14,16 +14,22 @@ Layout of a checkpoint directory CKPT (written by `import_hf`, `save_model` and 
       model_config.json        ModelConfig.to_json()
       lora.json                only with adapters: {"blocks/0/attn/q_proj_lora": {"scale": 2.0, "batch_dims": 0}}
                                (scale = alpha / rank; batch_dims per layer, without the repeat axis)
-      hf/                      the source HuggingFace directory's non-weight files, byte for byte (config.json,
-                               generation_config.json, tokenizer files, chat template, ...), plus
+      hf/                      only for a model that came from HuggingFace: the source directory's non-weight
+                               files, byte for byte (config.json, generation_config.json, tokenizer files, chat
+                               template, ...), plus
         extra_tensors.safetensors   every tensor the text stack does not own (vision tower, embed_vision),
                                     byte for byte in its own dtype
         text_dtypes.json            {HF key: safetensors dtype} of the original text tensors, so an export
                                     writes each tensor back in the dtype it came in
+      tokenizer/               only in a training run's root: the tokenizer its data was encoded with, written when
+                               the run starts (tokenizer.json or tokenizer.model, tokenizer_config.json, chat
+                               template). A vocabulary that belongs to a task rather than to text (the Sudoku
+                               compact ids) says so in tokenizer_config.json (`data.tokenizer.TASK_KEY`).
 
 A trainer's CheckpointManager root (numeric step directories, each holding `params/`) is accepted wherever a
-checkpoint is read: the latest step is used, and model_config.json, lora.json and hf/ are looked up in the step
-directory first, then in the root.
+checkpoint is read: the latest step is used, and model_config.json, lora.json, hf/ and tokenizer/ are looked up in
+the step directory first, then in the root. The model's tokenizer is tokenizer/'s, else hf/'s
+(`CheckpointDir.tokenizer_file`); a checkpoint without hf/ exports with generated configs (`export.py`).
 
 Writing is streamed: a leaf may be a `StreamedArray` whose blocks are produced one at a time and written to
 their zarr chunks as they come (chunks are at most one layer and about 16 MiB), so peak host memory is a few
@@ -40,7 +46,7 @@ import math
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -51,13 +57,15 @@ from flax import nnx
 
 from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
 from diffusion_gemma.config import ConfigError, ModelConfig
-from diffusion_gemma.model.lora import LoRA
+from diffusion_gemma.data.tokenizer import find_tokenizer_file
+from diffusion_gemma.model.lora import LoRA, lora_delta
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 PARAMS_ITEM = "params"
 MODEL_CONFIG_FILE = "model_config.json"
 LORA_FILE = "lora.json"
 HF_SUBDIR = "hf"
+TOKENIZER_SUBDIR = "tokenizer"
 EXTRA_TENSORS_FILE = "extra_tensors.safetensors"
 TEXT_DTYPES_FILE = "text_dtypes.json"
 LORA_SUFFIX = "_lora"
@@ -120,6 +128,66 @@ def lora_metadata(model: nnx.Module) -> dict[str, dict[str, Any]]:
             for path, node in nnx.iter_graph(model) if isinstance(node, LoRA)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """A stored `<kernel>_lora` adapter: the path of its `a` and `b` leaves and its scale (from lora.json)."""
+
+    path: Path
+    scale: float
+
+    @property
+    def kernel(self) -> Path:
+        return lora_kernel_path(self.path)
+
+    @property
+    def name(self) -> str:
+        return path_key(self.path)
+
+
+def find_adapters(stored: Iterable[Path], lora: Mapping[str, Any], where: str) -> dict[Path, Adapter]:
+    """{kernel path: Adapter} for every adapter among the `stored` leaf paths, each checked to have both
+    factors, its kernel and a scale in lora.json."""
+    stored = set(stored)
+    out = {}
+    for path in sorted({p[:-1] for p in stored if is_lora_path(p)}):
+        name = path_key(path)
+        for part in ("a", "b"):
+            if path + (part,) not in stored:
+                raise CheckpointError(f"{where}: adapter {name!r} has no {part!r}")
+        if lora_kernel_path(path) not in stored:
+            raise CheckpointError(f"{where}: adapter {name!r} has no kernel {path_key(lora_kernel_path(path))!r}")
+        meta = lora.get(name)
+        if not isinstance(meta, Mapping) or "scale" not in meta:
+            raise CheckpointError(f"{where}: no scale recorded for adapter {name!r} (expected in {LORA_FILE})")
+        out[lora_kernel_path(path)] = Adapter(path, float(meta["scale"]))
+    return out
+
+
+def merged_kernel(kernel, a, b, scale: float, name: str = "") -> jax.Array:
+    """W + scale * a @ b, the delta computed in the factors' dtype and cast to W's, as the model's
+    `effective_kernel` computes it. a [*batch, *in, r], b [*batch, r, *out]: the batch axes are whatever `a`,
+    `b` and W share (a stacked kernel and its stacked factors carry one more than lora.json records)."""
+    batch_dims = a.ndim + b.ndim - 2 - kernel.ndim
+    delta = lora_delta(jax.numpy.asarray(a), jax.numpy.asarray(b), scale, batch_dims)
+    if tuple(delta.shape) != tuple(kernel.shape):
+        raise CheckpointError(f"adapter {name!r}: a {tuple(a.shape)} @ b {tuple(b.shape)} gives "
+                              f"{tuple(delta.shape)}, its kernel is {tuple(kernel.shape)}")
+    return jax.numpy.asarray(kernel) + delta.astype(kernel.dtype)
+
+
+def merge_adapters(values: dict[Path, Any], lora: Mapping[str, Any], *, where: str) -> int:
+    """Fold every adapter of a flat {path: array} tree into its kernel, in place (the `a`/`b` leaves are
+    removed); numpy kernels stay numpy, device arrays keep their sharding. Returns how many were merged."""
+    adapters = find_adapters(values, lora, where)
+    for kernel_path, adapter in adapters.items():
+        kernel = values[kernel_path]
+        a, b = values.pop(adapter.path + ("a",)), values.pop(adapter.path + ("b",))
+        merged = merged_kernel(kernel, a, b, adapter.scale, adapter.name)
+        values[kernel_path] = (jax.device_put(merged, kernel.sharding) if isinstance(kernel, jax.Array)
+                               else np.asarray(merged))
+    return len(adapters)
+
+
 def check_leaves(expected: Mapping[Path, tuple[int, ...]], stored: Mapping[Path, tuple[int, ...]],
                  source: str) -> None:
     """Stored non-adapter leaves must be exactly the expected ones, shape for shape; errors name the key."""
@@ -157,6 +225,15 @@ class CheckpointDir:
             candidate = os.path.join(directory, name)
             if os.path.exists(candidate):
                 return candidate
+        return None
+
+    def tokenizer_file(self) -> str | None:
+        """tokenizer.json / tokenizer.model of the run (tokenizer/), else of the HF passthrough (hf/)."""
+        for name in (TOKENIZER_SUBDIR, HF_SUBDIR):
+            side = self.find(name)
+            found = find_tokenizer_file(side) if side else None
+            if found:
+                return found
         return None
 
 
@@ -451,38 +528,46 @@ def _flat_shardings(shardings) -> dict[Path, Any]:
 def restore_params(checkpoint: str, *, shardings=None, dtype=None) -> dict:
     """The `params` item as a nested dict of `jax.Array`s, each read straight into its sharding (a nested dict
     or an `nnx.State` of shardings, e.g. `sharding.state_shardings(abstract_model, mesh)`; leaves without one
-    go to the default device). `dtype` casts every leaf on the way (default: the stored dtype)."""
+    go to the default device). `dtype` casts every parameter on the way (default: the stored dtype); LoRA
+    factors keep theirs, as the model computes the adapter delta in the factors' dtype."""
     ckpt = locate(checkpoint)
     reader = ParamReader(ckpt.params)
     flat = _flat_shardings(shardings) if shardings is not None else {}
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = {path: jax.ShapeDtypeStruct(tuple(meta.shape), np.dtype(dtype or meta.dtype),
+    target = {path: jax.ShapeDtypeStruct(tuple(meta.shape),
+                                         np.dtype(meta.dtype if is_lora_path(path) else dtype or meta.dtype),
                                          sharding=flat.get(path, default))
               for path, meta in reader.metadata.items()}
     restored = ocp.StandardCheckpointer().restore(epath.Path(ckpt.params), nest(target))
     return restored
 
 
-def load_model(checkpoint: str, *, mesh: jax.sharding.Mesh | None = None, shardings=None,
-               param_dtype: str | None = None, dtype: str | None = None) -> DiffusionGemma:
-    """A `DiffusionGemma` from a checkpoint without adapters, every parameter restored straight into its
-    sharding: `shardings` as in `restore_params`, or derived from the parameters' logical axes on `mesh`."""
+def load_model(checkpoint: str, *, config: ModelConfig | None = None, mesh: jax.sharding.Mesh | None = None,
+               shardings=None, param_dtype: str | None = None, dtype: str | None = None) -> DiffusionGemma:
+    """A `DiffusionGemma` from a checkpoint, every parameter restored straight into its sharding: `shardings` as
+    in `restore_params`, or derived from the parameters' logical axes on `mesh`. LoRA adapters (a training
+    run's) are merged into their kernels, so the model carries none. `config`: the model to build (default:
+    the checkpoint's, with `param_dtype` / `dtype` when given); its parameter shapes must be the stored ones."""
     ckpt = locate(checkpoint)
-    config = read_model_config(ckpt)
+    config = config or read_model_config(ckpt)
     config = config.replace(param_dtype=param_dtype or config.param_dtype, dtype=dtype or config.dtype)
     abstract = nnx.eval_shape(lambda: DiffusionGemma(config, rngs=nnx.Rngs(0)))
-    reader = ParamReader(ckpt.params)
-    stored = reader.shapes()
-    adapters = sorted({path_key(p[:-1]) for p in stored if is_lora_path(p)})
-    if adapters:
-        raise CheckpointError(f"{ckpt.step_dir}: has LoRA adapters {first_keys(adapters)}; load_model builds a model "
-                              "without adapters (use restore_params, or export with merge_lora)")
+    stored = ParamReader(ckpt.params).shapes()
+    lora = read_lora(ckpt)
+    adapters = find_adapters(stored, lora, ckpt.params)
     check_leaves({p: tuple(v.shape) for p, v in model_variables(abstract).items()}, stored, ckpt.params)
     if shardings is None and mesh is not None:
         from diffusion_gemma import sharding as sharding_lib
 
         shardings = sharding_lib.state_shardings(abstract, mesh)
-    restored = flatten(restore_params(checkpoint, shardings=shardings, dtype=config.param_dtype))
+    flat_shardings = _flat_shardings(shardings) if shardings is not None else {}
+    for adapter in adapters.values():
+        kernel_sharding = flat_shardings.get(adapter.kernel)
+        if isinstance(kernel_sharding, jax.sharding.NamedSharding):  # factors replicated on the kernel's mesh
+            replicated = jax.sharding.NamedSharding(kernel_sharding.mesh, jax.sharding.PartitionSpec())
+            flat_shardings[adapter.path + ("a",)] = flat_shardings[adapter.path + ("b",)] = replicated
+    restored = flatten(restore_params(checkpoint, shardings=nest(flat_shardings), dtype=config.param_dtype))
+    merge_adapters(restored, lora, where=ckpt.params)
     graphdef, state = nnx.split(abstract)
     flat = [(path, variable.replace(restored[tuple(str(p) for p in path)]))
             for path, variable in nnx.to_flat_state(state)]

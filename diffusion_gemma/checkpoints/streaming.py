@@ -347,12 +347,7 @@ def save_model(model: nnx.Module, output: str, *, hf_dir: str | None = None, ove
         with bar, atomic_output(output, overwrite=overwrite, inputs=[hf_dir] if hf_dir else []) as tmp:
             orbax_io.write_metadata(tmp, model.config, orbax_io.lora_metadata(model))
             if passthrough is not None:
-                hf_out = os.path.join(tmp, orbax_io.HF_SUBDIR)
-                copy_passthrough(passthrough, hf_out)
-                orbax_io.write_json(os.path.join(hf_out, orbax_io.TEXT_DTYPES_FILE),
-                                    original_text_dtypes(passthrough, extra_source))
-                if extra_source is not None:
-                    write_extra_tensors(extra_source, extra, os.path.join(hf_out, orbax_io.EXTRA_TENSORS_FILE), bar)
+                write_passthrough(passthrough, extra_source, os.path.join(tmp, orbax_io.HF_SUBDIR), bar)
             orbax_io.write_params(os.path.join(tmp, orbax_io.PARAMS_ITEM), leaves, bar.update)
     finally:
         if extra_source is not None:
@@ -376,9 +371,9 @@ def _stacked_paths(model: nnx.Module) -> set[tuple]:
     return {path for path in orbax_io.model_variables(model) if path[0] == "blocks"}
 
 
-def passthrough_sources(hf_dir: str | None) -> tuple[str | None, SafetensorsDir | None]:
+def passthrough_sources(hf_dir: str | None, *, required: bool = True) -> tuple[str | None, SafetensorsDir | None]:
     """(directory of non-weight files, source of non-text tensors) for an HF directory or one of our
-    checkpoints; (None, None) without one."""
+    checkpoints; (None, None) without one, or (`required` False) for a checkpoint without an hf/ passthrough."""
     if hf_dir is None:
         return None, None
     if os.path.isdir(os.path.join(hf_dir, orbax_io.PARAMS_ITEM)) or not _has_weights(hf_dir):
@@ -387,11 +382,25 @@ def passthrough_sources(hf_dir: str | None) -> tuple[str | None, SafetensorsDir 
         except CheckpointError:
             ckpt = None
         passthrough = ckpt.find(orbax_io.HF_SUBDIR) if ckpt else None
+        if passthrough is None and ckpt is not None and not required:
+            return None, None
         if passthrough is None:
             raise CheckpointError(f"{hf_dir}: neither a HuggingFace directory nor a checkpoint with "
                                   f"{orbax_io.HF_SUBDIR}/")
         return passthrough, extra_tensor_source(passthrough)
     return hf_dir, SafetensorsDir(hf_dir)
+
+
+def write_passthrough(passthrough: str, weights: SafetensorsDir | None, destination: str,
+                      progress: Progress | None = None) -> None:
+    """An `hf/` passthrough directory (layout: `orbax_io`) from what `passthrough_sources` returns: the
+    non-weight files, the original text tensors' dtypes and the non-text tensors byte for byte."""
+    copy_passthrough(passthrough, destination)
+    orbax_io.write_json(os.path.join(destination, orbax_io.TEXT_DTYPES_FILE),
+                        original_text_dtypes(passthrough, weights))
+    if weights is not None:
+        write_extra_tensors(weights, ordered_extra_keys(weights),
+                            os.path.join(destination, orbax_io.EXTRA_TENSORS_FILE), progress)
 
 
 def _has_weights(directory: str) -> bool:
@@ -413,4 +422,3 @@ def original_text_dtypes(passthrough: str, weights: SafetensorsDir | None) -> di
 def extra_tensor_source(passthrough: str) -> SafetensorsDir | None:
     path = os.path.join(passthrough, orbax_io.EXTRA_TENSORS_FILE)
     return SafetensorsDir(path) if os.path.exists(path) else None
-

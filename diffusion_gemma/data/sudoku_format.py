@@ -3,6 +3,8 @@
 Two formats, one interface, so training, evaluation and the notebooks share them:
 - `CompactFormat`: for from-scratch models. Ids pad 0, eos 1, bos 2, digit d -> 3 + d (vocabulary 16);
   prompt = `<bos>` + the 81 cells (0 = blank), answer = the 81 solution cells (exactly one 81-token canvas).
+  `CompactFormat.tokenizer()` writes these ids as a HuggingFace tokenizer marked as this task's (`TASK`), which
+  a training run's checkpoint carries: tools that expect text can then point at the Sudoku one instead.
 - `ChatFormat`: the released model's chat prompt (Hackable Diffusion's `sft_sudoku` recipe) rendered with the
   Gemma 4 chat template: a system turn with the instruction, a user turn with the puzzle as 81 space-separated
   digits, and the answer as 81 space-separated digits.
@@ -16,7 +18,10 @@ import re
 import numpy as np
 
 from diffusion_gemma.data import chat
+from diffusion_gemma.data.tokenizer import TASK_KEY, HuggingFaceTokenizer
 
+# What a compact-vocabulary model's tokenizer_config.json says about it (data.tokenizer.TASK_KEY).
+TASK = {"name": "sudoku", "format": "compact", "evaluate": "experiments/sudoku/evaluate.py"}
 SYSTEM_PROMPT = ("Solve the following Sudoku puzzle. Empty cells are represented by 0. Output ONLY the solved "
                  "puzzle immediately as a 9x9 grid of numbers separated by spaces. Do not include ####, "
                  "explanations, or any other text.")
@@ -52,6 +57,22 @@ class CompactFormat(SudokuFormat):
     PROMPT_LENGTH = 82
     ANSWER_LENGTH = 81
     eos_id, pad_id = EOS, PAD
+    # One token per id: the specials, the digits '0'-'9' at DIGIT_OFFSET.., then <unk> and two unused ids.
+    TOKENS = ("<pad>", "<eos>", "<bos>", *"0123456789", "<unk>", "<unused0>", "<unused1>")
+
+    @classmethod
+    def tokenizer(cls) -> HuggingFaceTokenizer:
+        """The compact ids as a `tokenizers` WordLevel tokenizer: text is read digit by digit (whitespace
+        ignored), decoded without separators, and anything else is <unk>. Its tokenizer_config.json carries
+        TASK."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        backend = Tokenizer(models.WordLevel({token: i for i, token in enumerate(cls.TOKENS)}, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                         pre_tokenizers.Digits(individual_digits=True)])
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>"])
+        return HuggingFaceTokenizer(None, backend=backend, tokenizer_config={"unk_token": "<unk>", TASK_KEY: TASK})
 
     def prompt_ids(self, puzzle) -> list[int]:
         return [self.BOS] + (_grid(puzzle).reshape(-1) + self.DIGIT_OFFSET).tolist()

@@ -2,17 +2,27 @@
 `tokenizers` library) or a sentencepiece model, and Gemma 4 rendering of a single user turn.
 
 `encode` adds no special tokens of its own (the caller places `<bos>`), but special tokens written in the text,
-such as `<|turn>`, are recognised as such. `load_tokenizer(path)` takes a file or a checkpoint directory.
+such as `<|turn>`, are recognised as such. `load_tokenizer(path)` takes a file or a checkpoint directory;
+`Tokenizer.save(directory)` writes the files a training checkpoint carries (and an export ships), so the model
+and its tokenizer travel together.
 """
 
 from __future__ import annotations
 
 import abc
+import json
 import os
-from typing import Iterable, Sequence
+import shutil
+from typing import Any, Iterable, Mapping, Sequence
 
 TOKENIZER_JSON = "tokenizer.json"
 SENTENCEPIECE_MODEL = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# Files of a HuggingFace directory that belong to its tokenizer and travel with it.
+COMPANION_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
+# A tokenizer_config.json key marking a vocabulary that encodes a task's data, not text:
+# {"name": ..., "format": ..., "evaluate": the tool that runs such a model}.
+TASK_KEY = "diffusion_gemma_task"
 TURN_START = "<|turn>"
 TURN_END = "<turn|>"
 
@@ -50,6 +60,10 @@ class Tokenizer(abc.ABC):
     def token_to_id(self, token: str) -> int | None:
         """Implemented by each tokenizer backend."""
 
+    @abc.abstractmethod
+    def save(self, directory: str) -> None:
+        """Write the files that load this tokenizer again (`load_tokenizer(directory)`) into `directory`."""
+
     def require_id(self, token: str) -> int:
         token_id = self.token_to_id(token)
         if token_id is None:
@@ -69,18 +83,41 @@ class Tokenizer(abc.ABC):
 class HuggingFaceTokenizer(Tokenizer):
     """A `tokenizer.json` read with the `tokenizers` library (Gemma 4 ships one: BPE with byte fallback)."""
 
-    def __init__(self, path: str, *, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None):
+    def __init__(self, path: str | None, *, bos_id: int | None = None, eos_id: int | None = None,
+                 pad_id: int | None = None, backend=None, tokenizer_config: Mapping[str, Any] | None = None):
+        """A `tokenizer.json` file, or (`path` None) a `tokenizers.Tokenizer` built in memory as `backend`;
+        `tokenizer_config`: entries `save` writes into tokenizer_config.json."""
         from tokenizers import Tokenizer as RustTokenizer
 
-        try:
-            self._tokenizer = RustTokenizer.from_file(os.fspath(path))
-        except Exception as err:  # the Rust library raises a bare Exception for unreadable files
-            raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
-        self.path = os.fspath(path)
+        if backend is None:
+            try:
+                backend = RustTokenizer.from_file(os.fspath(path))
+            except Exception as err:  # the Rust library raises a bare Exception for unreadable files
+                raise TokenizerError(f"{path}: not a tokenizer.json ({err})") from None
+        self._tokenizer = backend
+        self.path = os.fspath(path) if path is not None else None
+        self._config = dict(tokenizer_config or {})
         self.bos_id = self._special_id(bos_id, _BOS_NAMES, "BOS")
         self.eos_id = self._special_id(eos_id, _EOS_NAMES, "EOS")
         self.pad_id = self._special_id(pad_id, _PAD_NAMES, "pad")
+
+    def save(self, directory: str) -> None:
+        """tokenizer.json, the companion files of an HF directory's, and a tokenizer_config.json that lets
+        transformers' AutoTokenizer load it (written when none came with it)."""
+        os.makedirs(directory, exist_ok=True)
+        target = os.path.join(directory, TOKENIZER_JSON)
+        if self.path is not None:
+            shutil.copyfile(self.path, target)
+            _copy_companions(self.path, TOKENIZER_JSON, directory)
+        else:
+            self._tokenizer.save(target)
+        config_path = os.path.join(directory, TOKENIZER_CONFIG)
+        if not os.path.exists(config_path):
+            token = self._tokenizer.id_to_token
+            config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token(self.bos_id),
+                      "eos_token": token(self.eos_id), "pad_token": token(self.pad_id), **self._config}
+            with open(config_path, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
 
     @property
     def vocab_size(self) -> int:
@@ -114,6 +151,11 @@ class SentencePieceTokenizer(Tokenizer):
         self.eos_id = eos_id if eos_id is not None else self._own_or_named(processor.eos_id(), _EOS_NAMES, "EOS")
         self.pad_id = pad_id if pad_id is not None else self._own_or_named(processor.pad_id(), _PAD_NAMES, "pad")
 
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(self.path, os.path.join(directory, SENTENCEPIECE_MODEL))
+        _copy_companions(self.path, SENTENCEPIECE_MODEL, directory)
+
     def _own_or_named(self, own: int, names: Sequence[str], what: str) -> int:
         return own if own >= 0 else self._special_id(None, names, what)
 
@@ -136,6 +178,33 @@ class SentencePieceTokenizer(Tokenizer):
         if token_id == self._processor.unk_id() and token != self._processor.IdToPiece(token_id):
             return None
         return token_id
+
+
+def _copy_companions(path: str, canonical_name: str, directory: str) -> None:
+    """The COMPANION_FILES beside `path` when it is an HF directory's tokenizer (has its canonical name): a
+    stand-alone file's neighbours are not its own."""
+    if os.path.basename(path) != canonical_name:
+        return
+    for name in COMPANION_FILES:
+        source = os.path.join(os.path.dirname(path), name)
+        if os.path.isfile(source):
+            shutil.copyfile(source, os.path.join(directory, name))
+
+
+def vocabulary_task(path: str) -> dict[str, Any] | None:
+    """The TASK_KEY entry of the tokenizer_config.json in `path` (a directory, or beside a tokenizer file), or
+    None: the vocabulary is text."""
+    directory = path if os.path.isdir(path) else os.path.dirname(path)
+    config_path = os.path.join(directory, TOKENIZER_CONFIG)
+    if not os.path.isfile(config_path):
+        return None
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise TokenizerError(f"{config_path}: invalid JSON ({err})") from None
+    task = config.get(TASK_KEY) if isinstance(config, dict) else None
+    return dict(task) if isinstance(task, Mapping) else None
 
 
 def find_tokenizer_file(path: str) -> str | None:

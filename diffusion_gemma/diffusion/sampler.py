@@ -33,6 +33,8 @@ All of them are traced values: switching strategy or threshold reuses the compil
 
 Callbacks (`on_step`, `on_canvas`) let a CLI or notebook watch the canvas converge; they run through
 `jax.debug.callback`, so when they are None (the default) the compiled loop has no host round trips.
+`should_stop` (the trainer's evaluation, which a SIGTERM must interrupt within a step) is asked after every
+denoising step whether to give up: a True marks every row done and finished, so both loops end at once.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from diffusion_gemma.diffusion import sampling_steps as steps
 from diffusion_gemma.model.transformer import DiffusionGemma
@@ -308,7 +311,7 @@ def _step_math(logits, uniform, renoise, knobs):
 
 
 def _denoise_block(model: DiffusionGemma, cache, positions, block, finished, initial_canvas, tape: NoiseTape,
-                   knobs, plan: _Plan, on_step):
+                   knobs, plan: _Plan, on_step, should_stop):
     """One block's denoising loop -> (argmax canvas [B, C], decoder passes [B], steps run)."""
     batch, canvas_length = initial_canvas.shape
     sc_dtype = jnp.dtype(model.config.param_dtype)
@@ -338,6 +341,8 @@ def _denoise_block(model: DiffusionGemma, cache, positions, block, finished, ini
         stop, history = steps.stable_and_confident(s["history"], argmax, jnp.mean(entropy, axis=-1),
                                                    knobs["stability_threshold"], knobs["confidence_threshold"])
         done = s["done"] | (stop & knobs["early_stop"])
+        if should_stop is not None:
+            done = done | _asks_to_stop(should_stop, after=passes)
         if on_step is not None:
             jax.debug.callback(_emit_step(on_step), block, plan.num_steps - s["step"], canvas, argmax, accepted,
                                done, ordered=True)
@@ -346,6 +351,12 @@ def _denoise_block(model: DiffusionGemma, cache, positions, block, finished, ini
 
     out = jax.lax.while_loop(cond, body, state)
     return out["argmax"], out["passes"], out["step"]
+
+
+def _asks_to_stop(should_stop, *, after: jax.Array) -> jax.Array:
+    """should_stop() on the host, once `after` is computed (an unordered callback without an operand may run
+    before the work it should follow)."""
+    return io_callback(lambda _: np.bool_(should_stop()), jax.ShapeDtypeStruct((), jnp.bool_), after)
 
 
 def _emit_step(callback):
@@ -361,9 +372,9 @@ def _emit_canvas(callback):
     return emit
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "on_step", "on_canvas"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "plan", "on_step", "on_canvas", "should_stop"))
 def _generate_jit(state, prompt_ids, prompt_mask, tape: NoiseTape, knobs, *, graphdef, plan: _Plan, on_step,
-                  on_canvas):
+                  on_canvas, should_stop):
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt_ids.shape
     canvas_length = model.config.canvas_length
@@ -397,9 +408,12 @@ def _generate_jit(state, prompt_ids, prompt_mask, tape: NoiseTape, knobs, *, gra
         cache = jax.lax.while_loop(lambda c: c.length < target, encode_chunk, carry["cache"])
         positions = jnp.broadcast_to(target - extra + chunk_offsets, (batch, canvas_length))
         argmax, passes, steps_run = _denoise_block(model, cache, positions, block, carry["finished"],
-                                                   tape.initial_canvas[block], tape, knobs, plan, on_step)
+                                                   tape.initial_canvas[block], tape, knobs, plan, on_step,
+                                                   should_stop)
         canvas, finished = steps.finalize_canvas(argmax, carry["finished"], knobs["eos_ids"], knobs["pad_id"],
                                                  use_pad=knobs["has_pad"])
+        if should_stop is not None:
+            finished = finished | _asks_to_stop(should_stop, after=steps_run)
         if on_canvas is not None:
             jax.debug.callback(_emit_canvas(on_canvas), block, canvas, finished, ordered=True)
         tokens = jax.lax.dynamic_update_slice_in_dim(carry["tokens"], canvas, target, 1)
@@ -426,14 +440,16 @@ def draw_noise(rng: jax.Array, *, batch_size: int, config: SamplerConfig, canvas
 def generate(model: DiffusionGemma, prompt_ids, prompt_mask=None, rng: jax.Array | NoiseTape | None = None,
              config: SamplerConfig | None = None, *, initial_canvas=None,
              on_step: Callable[[StepEvent], None] | None = None,
-             on_canvas: Callable[[CanvasEvent], None] | None = None) -> GenerationResult:
+             on_canvas: Callable[[CanvasEvent], None] | None = None,
+             should_stop: Callable[[], bool] | None = None) -> GenerationResult:
     """Generate ceil(max_new_tokens / C) blocks after left-padded prompts.
 
     prompt_ids [B, S] int, prompt_mask [B, S] (True = real token; pads on the left, as `left_pad` builds them;
     None = no padding). rng: a key (`draw_noise` derives one stream per row), B keys, or a `NoiseTape`; None
     means key 0. initial_canvas [B, C] replaces block 0's random starting canvas (the reference's
     `decoder_input_ids`). on_step / on_canvas: host callbacks after every denoising step / block (reuse the same
-    function objects: each distinct callback compiles its own program).
+    function objects: each distinct callback compiles its own program). should_stop: asked after every step;
+    True ends the generation at once, its output then meaningless (the caller, who asked, discards it).
     """
     config = config or SamplerConfig()
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
@@ -460,7 +476,7 @@ def generate(model: DiffusionGemma, prompt_ids, prompt_mask=None, rng: jax.Array
     graphdef, state = nnx.split(model)
     tokens, num_blocks, passes, steps_per_block, finished = _generate_jit(
         state, prompt_ids, prompt_mask, tape, knobs, graphdef=graphdef, plan=plan, on_step=on_step,
-        on_canvas=on_canvas)
+        on_canvas=on_canvas, should_stop=should_stop)
     return GenerationResult(tokens=tokens, num_blocks=num_blocks, decoder_passes=passes,
                             steps_per_block=steps_per_block, finished=finished, prompt_length=prompt_ids.shape[1],
                             canvas_length=canvas_length, pad_token_id=config.pad_token_id)

@@ -25,6 +25,10 @@ BUCKETS = ("easy", "medium", "hard")
 DECODERS = ("diffusion", "autoregressive")
 
 
+class Stopped(Exception):
+    """`should_stop()` asked `solve_diffusion` to give up (a training run being stopped); nothing is scored."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Answers:
     """The model's boards [N, 9, 9] (0 = unreadable cell), forwards [N] (denoising steps, or AR forwards) and
@@ -75,16 +79,25 @@ def _prompt_ids(fmt: SudokuFormat, puzzles: np.ndarray) -> list[list[int]]:
 def solve_diffusion(model: DiffusionGemma, puzzles, fmt: SudokuFormat, config: SamplerConfig, *,
                     batch_size: int = 64, seed: int = 0,
                     on_step: Callable[[StepEvent], None] | None = None,
-                    on_batch: Callable[[int], None] | None = None) -> Answers:
+                    on_batch: Callable[[int], None] | None = None,
+                    should_stop: Callable[[], bool] | None = None) -> Answers:
     """Denoise every puzzle's answer with the block-diffusion sampler (row noise keyed by seed and batch).
-    `on_batch(n)` is called after each batch with its number of real puzzles (a progress bar)."""
+    `on_batch(n)` is called after each batch with its number of real puzzles (a progress bar).
+
+    `should_stop()` (a training run's `StopSignal.check`) is asked after every batch, and in one process also
+    after every denoising step, which ends the batch at once; True raises `Stopped`. Several processes ask only
+    between batches: their answer is an agreement among the processes, made on the host, not inside the
+    compiled sampler."""
     puzzles = np.asarray(puzzles).reshape(-1, 9, 9)
     prompts = _prompt_ids(fmt, puzzles)
     batch_size = min(batch_size, len(puzzles))
+    inside = should_stop if jax.process_count() == 1 else None
     boards, forwards, per_forward = [], [], []
     for start, keep, ids, mask in _batches(prompts, batch_size, fmt.pad_id):
         result = generate(model, ids, mask, jax.random.fold_in(jax.random.key(seed), start), config,
-                          on_step=on_step)
+                          on_step=on_step, should_stop=inside)
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped after {start} of {len(puzzles)} puzzles")
         boards += [fmt.parse_answer(row) for row in result.generated()[:keep]]
         forwards.append(np.asarray(result.decoder_passes)[:keep])
         per_forward.append(result.tokens_per_forward()[:keep])

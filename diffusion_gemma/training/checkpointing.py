@@ -1,7 +1,8 @@
 """Training checkpoints with Orbax's CheckpointManager, in the layout the converter reads
 (`diffusion_gemma/checkpoints/orbax_io.py`): WORKDIR/checkpoints/<step>/{params, opt_state, train_state} plus
-model_config.json, lora.json and the HuggingFace passthrough (hf/) at the root, so `export-hf
---checkpoint=WORKDIR/checkpoints` works on any training run.
+model_config.json, lora.json, the HuggingFace passthrough of the weights the run started from (hf/) and the
+tokenizer its data was encoded with (tokenizer/) at the root, so `export-hf --checkpoint=WORKDIR/checkpoints`,
+`generate --checkpoint=WORKDIR/checkpoints` and evaluation work on any training run with no other input.
 
 Trees are plain nested dicts with string keys (`state_to_tree`), so they save and restore without NNX objects.
 With several processes every process calls save and restore (Orbax writes each array's shards from the
@@ -14,15 +15,17 @@ import itertools
 import json
 import os
 import shutil
-from typing import Any, Mapping
+import tempfile
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from diffusion_gemma import distributed
-from diffusion_gemma.checkpoints import orbax_io
+from diffusion_gemma.checkpoints import orbax_io, streaming
 from diffusion_gemma.config import ModelConfig
+from diffusion_gemma.data.tokenizer import Tokenizer
 
 
 _MANAGERS = itertools.count()
@@ -50,11 +53,26 @@ def tree_to_state(template: nnx.State, tree: Mapping) -> nnx.State:
                                 for path, variable in nnx.to_flat_state(template)])
 
 
+def _write_passthrough(source: str, destination: str) -> None:
+    """`source`'s hf/ passthrough (nothing for one of our checkpoints that has none)."""
+    passthrough, weights = streaming.passthrough_sources(source, required=False)
+    if passthrough is None:
+        return
+    try:
+        streaming.write_passthrough(passthrough, weights, destination)
+    finally:
+        if weights is not None:
+            weights.close()
+
+
 class TrainCheckpointer:
     """Save every N steps (and on demand), keep K, asynchronously; restore the latest onto any mesh."""
 
     def __init__(self, directory: str, *, model_config: ModelConfig, lora: Mapping[str, Any] | None,
-                 keep: int, async_save: bool, hf_passthrough: str | None = None):
+                 keep: int, async_save: bool, hf_source: str | None = None, tokenizer: Tokenizer | None = None):
+        """`hf_source`: where the initial weights came from (a HuggingFace directory, or one of our checkpoints
+        with or without hf/), whose passthrough the root keeps; `tokenizer`: the run's. Both are written once:
+        a resumed run keeps what its first start wrote."""
         self.directory = os.path.abspath(directory)
         self._check_compatible(model_config, lora)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
@@ -63,8 +81,26 @@ class TrainCheckpointer:
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         if jax.process_index() == 0:
             orbax_io.write_metadata(self.directory, model_config, lora)
-            if hf_passthrough and not os.path.exists(os.path.join(self.directory, orbax_io.HF_SUBDIR)):
-                shutil.copytree(hf_passthrough, os.path.join(self.directory, orbax_io.HF_SUBDIR))
+            if hf_source:
+                self._write_side_dir(orbax_io.HF_SUBDIR, lambda tmp: _write_passthrough(hf_source, tmp))
+            if tokenizer is not None:
+                self._write_side_dir(orbax_io.TOKENIZER_SUBDIR, tokenizer.save)
+
+    def _write_side_dir(self, name: str, write: Callable[[str], None]) -> None:
+        """root/name, unless it exists, written into a temporary sibling renamed at the end (never half)."""
+        target = os.path.join(self.directory, name)
+        if os.path.exists(target):
+            return
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=self.directory)
+        try:
+            write(tmp)
+            if os.listdir(tmp):
+                os.rename(tmp, target)
+            else:
+                os.rmdir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def _check_compatible(self, model_config: ModelConfig, lora: Mapping[str, Any] | None) -> None:
         config_path = os.path.join(self.directory, orbax_io.MODEL_CONFIG_FILE)

@@ -62,9 +62,21 @@ class LoraSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class CheckpointSection:
+    """A checkpoint every `every_steps` steps, and also whenever `every_minutes` of wall time have passed since
+    the last one (0 turns the clock off), so that a slow run loses at most that much to a crash. With several
+    processes process 0's clock decides for all of them. The newest `keep` are kept."""
+
     every_steps: int = 100
+    every_minutes: float = 10.0
     keep: int = 3
     async_save: bool = True
+
+    def __post_init__(self):
+        if self.every_steps < 1:
+            raise TrainConfigError(f"checkpoint.every_steps must be >= 1, got {self.every_steps}")
+        if not self.every_minutes >= 0:
+            raise TrainConfigError(f"checkpoint.every_minutes must be >= 0 (0: no time-based checkpoints), got "
+                                   f"{self.every_minutes}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

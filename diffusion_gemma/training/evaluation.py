@@ -1,8 +1,9 @@
 """Periodic evaluation during training: the sampler runs on the model being trained.
 
-An evaluator is a callable `(model, step) -> {name: float}`; the trainer calls it every
+An evaluator is a callable `(model, step, should_stop) -> {name: float}`; the trainer calls it every
 `evaluation.every_steps` steps and at the end, logs the values (prefixed `eval/`) with the training metrics
-and prints a one-line summary. Two kinds:
+and prints a one-line summary. `should_stop` (the run's `StopSignal.check`, or None) lets a SIGTERM or Ctrl-C
+abandon the evaluation within a denoising step: the evaluator then returns None. Two kinds:
 - `sudoku`: solve held-out puzzles (the EVAL side of the split rule, fixed by seed) with the block-diffusion
   sampler and score them (solve rate, blank-cell accuracy, steps) overall and by givens bucket.
 - `samples`: generate answers to fixed chat prompts; the texts go to WORKDIR/samples.jsonl, the decoding
@@ -14,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import numpy as np
@@ -23,7 +24,8 @@ from diffusion_gemma.diffusion.sampler import ACCEPTANCE_RULES
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 EVALUATION_KINDS = ("sudoku", "samples")
-Evaluator = Callable[[DiffusionGemma, int], dict]
+SAMPLES_FILE = "samples.jsonl"  # in the workdir, one line per prompt and evaluation
+Evaluator = Callable[[DiffusionGemma, int, Optional[Callable[[], bool]]], Optional[dict]]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,11 +80,14 @@ def _sudoku_evaluator(config: EvaluationConfig, data_config, tokenizer) -> Evalu
     puzzles, solutions = sudoku_eval.eval_puzzles(config.num_examples, seed=config.seed,
                                                   min_givens=config.min_givens, max_givens=config.max_givens)
 
-    def evaluate(model: DiffusionGemma, step: int) -> dict:
+    def evaluate(model: DiffusionGemma, step: int, should_stop=None) -> dict | None:
         sampler = sudoku_eval.sampler_config(fmt, model.config.canvas_length,
                                              **_sampler_settings(config))
-        answers = sudoku_eval.solve_diffusion(model, puzzles, fmt, sampler, batch_size=config.batch_size,
-                                              seed=config.seed)
+        try:
+            answers = sudoku_eval.solve_diffusion(model, puzzles, fmt, sampler, batch_size=config.batch_size,
+                                                  seed=config.seed, should_stop=should_stop)
+        except sudoku_eval.Stopped:
+            return None
         report = sudoku_eval.score(puzzles, answers, solutions)
         out = {}
         for bucket, values in report.items():
@@ -99,13 +104,16 @@ def _samples_evaluator(config: EvaluationConfig, tokenizer, workdir: str) -> Eva
     from diffusion_gemma.diffusion.sampler import SamplerConfig, generate, left_pad
 
     ids, mask = left_pad([chat_prompt_ids(tokenizer, p) for p in config.prompts], tokenizer.pad_id)
-    path = os.path.join(workdir, "samples.jsonl")
+    path = os.path.join(workdir, SAMPLES_FILE)
 
-    def evaluate(model: DiffusionGemma, step: int) -> dict:
+    def evaluate(model: DiffusionGemma, step: int, should_stop=None) -> dict | None:
         sampler = SamplerConfig(max_new_tokens=model.config.canvas_length,
                                 **_sampler_settings(config), eos_token_ids=(tokenizer.eos_id,),
                                 pad_token_id=tokenizer.pad_id)
-        result = generate(model, ids, mask, jax.random.key(config.seed), sampler)
+        inside = should_stop if jax.process_count() == 1 else None  # as in sudoku_eval.solve_diffusion
+        result = generate(model, ids, mask, jax.random.key(config.seed), sampler, should_stop=inside)
+        if should_stop is not None and should_stop():
+            return None
         if jax.process_index() == 0:
             with open(path, "a", encoding="utf-8") as f:
                 for prompt, row in zip(config.prompts, result.generated()):

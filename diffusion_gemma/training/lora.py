@@ -1,5 +1,5 @@
-"""Attach LoRA adapters to a model's kernels (see `diffusion_gemma.model.lora` for the convention), and fold
-them back in for export.
+"""Attach LoRA adapters to a model's kernels (see `diffusion_gemma.model.lora` for the convention); folding
+them back in is `diffusion_gemma.checkpoints.orbax_io.merge_adapters`, shared by loading and export.
 
 Targets are named `module.kernel` relative to a layer (`attn.q_proj`, `mlp.down_proj`, `moe.gate_up_proj`, ...)
 or `self_conditioning.<kernel>` for the self-conditioning MLP. Expert targets are grouped per expert (the expert
@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from diffusion_gemma.model.lora import LoRA, lora_delta
+from diffusion_gemma.model.lora import LoRA
 
 # (module attribute inside a layer, kernel name) -> (batch_dims, in_dims) of the UNSTACKED kernel.
 LAYER_TARGETS = {
@@ -81,22 +81,3 @@ def apply_lora(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs) -> int:
             count += repeats
     return count
 
-
-def merge_lora(model: nnx.Module) -> int:
-    """Fold every adapter into its kernel (W += scale * a @ b) and remove it; returns how many were merged."""
-    merged = 0
-    for _, module in list(nnx.iter_graph(model)):
-        if not isinstance(module, nnx.Module):
-            continue
-        for name in list(vars(module)):
-            adapter = getattr(module, name)
-            if not (name.endswith("_lora") and isinstance(adapter, LoRA)):
-                continue
-            kernel = getattr(module, name[: -len("_lora")])
-            # a [*batch, *in, r], b [*batch, r, *out], kernel [*batch, *in, *out]; stacking adds batch axes.
-            batch_dims = adapter.a[...].ndim + adapter.b[...].ndim - 2 - kernel[...].ndim
-            delta = lora_delta(adapter.a[...], adapter.b[...], adapter.scale, batch_dims)
-            kernel.set_value(kernel[...] + delta.astype(kernel[...].dtype))
-            setattr(module, name, None)
-            merged += 1
-    return merged

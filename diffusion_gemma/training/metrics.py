@@ -45,16 +45,25 @@ def d_expert(config) -> int:
 
 
 class MetricsLogger:
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    """Appends one JSON line per logged step to WORKDIR/metrics.jsonl and the same scalars to TensorBoard.
+
+    `resume_step` is the step the run starts from (its restored checkpoint, or 0): what an interrupted run
+    logged after it is dropped from both, since the resumed run logs those steps again, so every step keeps
+    one line."""
+
+    def __init__(self, workdir: str, *, resume_step: int = 0, enabled: bool = True):
         self.enabled = enabled and jax.process_index() == 0
+        self.dropped = 0
         self._jsonl = None
         self._tensorboard = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+            path = os.path.join(workdir, "metrics.jsonl")
+            self.dropped = drop_lines_after(path, resume_step)
+            self._jsonl = open(path, "a", buffering=1)
             from tensorboardX import SummaryWriter
 
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -68,3 +77,33 @@ class MetricsLogger:
         if self._jsonl is not None:
             self._jsonl.close()
             self._tensorboard.close()
+
+
+def drop_lines_after(path: str, step: int) -> int:
+    """Rewrite the JSONL file at `path` (atomically: a temporary file renamed over it) without its records for
+    steps after `step` and without lines that are not complete records (a run killed mid-write); returns how
+    many lines went. A missing file, or one with nothing to drop, is left untouched."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
+    if len(kept) == len(lines):
+        return 0
+    temporary = f"{path}.tmp.{os.getpid()}"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    return len(lines) - len(kept)
+
+
+def _step_of(line: str) -> int | None:
+    if not line.endswith("\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get("step") if isinstance(record, dict) and isinstance(record.get("step"), int) else None

@@ -2,9 +2,11 @@
 
 Flow: mesh -> model (random init born sharded, or imported HF / Orbax weights) [-> LoRA adapters] -> grain
 pipeline -> jitted step (objective over micro-batches with global-count normalisation -> grads -> optax) ->
-metrics (console bar, JSONL, TensorBoard) -> Orbax checkpoints (params, optimizer, step, data iterator).
-A resumed run reproduces the uninterrupted run's losses exactly: every example's randomness is keyed by its
-global index in the data stream, and the iterator state is checkpointed.
+metrics (console bar, JSONL, TensorBoard) -> Orbax checkpoints (params, optimizer, step, data iterator) every N
+steps, every M minutes and when SIGTERM or Ctrl-C stops the run (`TrainResult.stop_reason`; a periodic
+evaluation under way is abandoned). A resumed run reproduces the uninterrupted run's losses exactly: every
+example's randomness is keyed by its global index in the data stream, and the iterator state is checkpointed;
+what the interrupted run logged after its checkpoint is dropped, so metrics.jsonl keeps one line per step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from diffusion_gemma.diffusion.corruption import CorruptionSettings
 from diffusion_gemma.model.transformer import DiffusionGemma
 from diffusion_gemma.training import checkpointing, evaluation, lora as lora_lib, metrics as metrics_lib
 from diffusion_gemma.training import optimizer as opt_lib
-from diffusion_gemma.training.config import TrainConfig
+from diffusion_gemma.training.config import CheckpointSection, TrainConfig, TrainConfigError
 
 
 class TrainingError(RuntimeError):
@@ -43,10 +45,16 @@ class TrainingError(RuntimeError):
 
 @dataclasses.dataclass
 class TrainResult:
+    """`target_step` is the step the run was heading for (config.num_steps, or fewer with `stop_after`);
+    `stop_reason` is None when it got there, else the signal's name ("SIGTERM", "SIGINT") that stopped it after
+    checkpointing `final_step`."""
+
     steps_run: int
     final_step: int
     losses: list[float]
     history: list[dict[str, float]]
+    target_step: int = 0
+    stop_reason: str | None = None
 
 
 # ----------------------------------------------------------------------------------------------- building
@@ -61,7 +69,7 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     preset = getattr(ModelConfig, section.preset, None)
     if not callable(preset) or section.preset.startswith("_") or section.preset in ("build", "from_hf_config",
                                                                                   "from_hf_dir", "from_json"):
-        raise ValueError(f"model.preset = {section.preset!r} is not a ModelConfig preset")
+        raise TrainConfigError(f"model.preset = {section.preset!r} is not a ModelConfig preset")
     return preset(**overrides)
 
 
@@ -160,20 +168,25 @@ def _check_workdir(workdir: str) -> None:
 
 
 def _tokenizer_for(config: TrainConfig):
-    """data.tokenizer, else the initial HF checkpoint's own when the data needs one (chat rendering)."""
-    path = config.data.tokenizer
-    needs = config.data.source == "chat_jsonl" or (config.data.source == "sudoku"
-                                                  and config.data.sudoku_format == "chat")
-    if not path and needs:
-        path = config.model.init_hf_dir
-        if not path:
-            raise TrainingError("this data source renders chat text: set data.tokenizer (or model.init_hf_dir, "
-                                "whose tokenizer is then used)")
-    if not path:
-        return None
+    """The run's tokenizer, which its checkpoints carry: the Sudoku compact vocabulary's for that format, else
+    data.tokenizer, else the initial weights' own (HF directory or checkpoint) when the data renders chat text;
+    None for data without text (synthetic)."""
+    from diffusion_gemma.data.sudoku_format import CompactFormat
     from diffusion_gemma.data.tokenizer import load_tokenizer
 
-    return load_tokenizer(path)
+    if config.data.source == "sudoku" and config.data.sudoku_format == "compact":
+        return CompactFormat.tokenizer()
+    path = config.data.tokenizer
+    needs = config.data.source == "chat_jsonl" or config.data.source == "sudoku"
+    if not path and needs:
+        if config.model.init_hf_dir:
+            path = config.model.init_hf_dir
+        elif config.model.init_checkpoint:
+            path = orbax_io.locate(config.model.init_checkpoint).tokenizer_file()
+        if not path:
+            raise TrainingError("this data source renders chat text: set data.tokenizer (or start from weights "
+                                "that carry one: model.init_hf_dir or model.init_checkpoint)")
+    return load_tokenizer(path) if path else None
 
 
 def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, progress: bool = True,
@@ -206,7 +219,7 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
         checkpointer = checkpointing.TrainCheckpointer(
             os.path.join(workdir, "checkpoints"), model_config=model_config, lora=lora_meta,
             keep=config.checkpoint.keep, async_save=config.checkpoint.async_save,
-            hf_passthrough=_passthrough_dir(config))
+            hf_source=config.model.init_hf_dir or config.model.init_checkpoint, tokenizer=tokenizer)
         checkpointer.check_free_space(trainable, rest, opt_state)
         data_iterator = iter(pipeline.make_dataset(source, config.data, num_steps=config.num_steps, rows=sharding.
                                                    process_batch_rows(mesh, config.data.global_batch_size)))
@@ -227,29 +240,46 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
                                           config.grad_accum_steps, schedule), donate_argnums=(0, 2),
                           out_shardings=(shardings(trainable), shardings(opt_state),
                                          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
-        logger = metrics_lib.MetricsLogger(workdir)
+        logger = metrics_lib.MetricsLogger(workdir, resume_step=start_step)
         rng = jax.random.key(config.seed)
         end_step = config.num_steps if stop_after is None else min(config.num_steps, start_step + stop_after)
+        say = _console(progress)
+        if latest is not None:
+            say(f"resuming from step {start_step} of {end_step} ({checkpointer.directory})")
+        if logger.dropped:
+            say(f"metrics.jsonl: dropped {logger.dropped} line(s) that the interrupted run logged after step "
+                f"{start_step}")
+        if jax.process_index() == 0:  # the samples evaluation's texts, likewise logged again from here on
+            metrics_lib.drop_lines_after(os.path.join(workdir, evaluation.SAMPLES_FILE), start_step)
         flops_per_token = metrics_lib.train_flops_per_token(
             model_config, prompt_tokens=config.data.seq_length, canvas_tokens=config.data.block_size,
             lora=config.lora.enabled)
         peak = metrics_lib.device_peak_flops()
         history: list[dict[str, float]] = []
         losses_seen: list[float] = []
-        bar = tqdm(total=end_step, initial=start_step, disable=not progress or jax.process_index() != 0,
-                   desc="train", unit="step", dynamic_ncols=True)
-        step = start_step
+        step, stop_reason, bar = start_step, None, None
         try:
             with distributed.StopSignal() as stop:
+                batch = None
+                if step < end_step:
+                    # Compiled before the bar starts its clock (a first "step" of minutes would wreck its ETA)
+                    # and, with several processes, on all of them before the first collective.
+                    batch = _global_batch(next(data_iterator), mesh, config.data.global_batch_size)
+                    began = time.perf_counter()
+                    say("compiling the train step ...")
+                    step_fn = distributed.compile_together(step_fn, trainable, rest, opt_state, batch, rng,
+                                                           jnp.asarray(step, jnp.int32))
+                    say(f"train step compiled in {time.perf_counter() - began:.1f} s")
+                bar = tqdm(total=end_step, initial=start_step, disable=not progress or jax.process_index() != 0,
+                           desc="train", unit="step", dynamic_ncols=True)
+                saves = SaveSchedule(config.checkpoint)
                 while step < end_step:
-                    host_batch = next(data_iterator)
-                    batch = _global_batch(host_batch, mesh, config.data.global_batch_size)
-                    if step == start_step:  # several processes: all compiled before the first collective
-                        distributed.compile_together(step_fn, trainable, rest, opt_state, batch, rng,
-                                                     jnp.asarray(step, jnp.int32))
+                    if batch is None:
+                        batch = _global_batch(next(data_iterator), mesh, config.data.global_batch_size)
                     started = time.perf_counter()
                     trainable, opt_state, step_metrics = step_fn(trainable, rest, opt_state, batch, rng,
                                                                  jnp.asarray(step, jnp.int32))
+                    batch = None
                     values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     elapsed = time.perf_counter() - started
                     if not math.isfinite(values["loss"]):
@@ -264,47 +294,96 @@ def train(config: TrainConfig, workdir: str, *, stop_after: int | None = None, p
                     history.append({"step": step, **values})
                     bar.update(1)
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}")
-                    if step % config.log_every == 0 or step == end_step:
-                        logger.write(step, values)
-                    if evaluator is not None and (step % config.evaluation.every_steps == 0 or step == end_step):
+                    # SIGTERM / Ctrl-C: every process stops at the same check (one per step, one per eval batch).
+                    stopping = stop.check()
+                    record = values if step % config.log_every == 0 or step == end_step else {}
+                    if (evaluator is not None and not stopping
+                            and (step % config.evaluation.every_steps == 0 or step == end_step)):
+                        bar.set_description_str(f"evaluating at step {step}")
                         eval_values = _evaluate(evaluator, graphdef, trainable_template, rest_template, trainable,
-                                                rest, step)
-                        history[-1].update(eval_values)
-                        logger.write(step, eval_values)
-                        bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_values.items()
-                                                               if "/" not in k.removeprefix("eval/")))
-                    stopping = stop.should_stop(step)  # SIGTERM: every process stops after the same step
-                    if step % config.checkpoint.every_steps == 0 or step == end_step or stopping:
-                        _save(checkpointer, step, trainable, rest, opt_state, data_iterator, force=stopping)
+                                                rest, step, stop.check, mesh)
+                        bar.set_description_str("train", refresh=False)
+                        bar.unpause()  # the evaluation's time is not the steps' rate
+                        if eval_values is None:  # abandoned for a stop
+                            stopping = True
+                        else:
+                            history[-1].update(eval_values)
+                            record = {**record, **eval_values}
+                            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in eval_values.items()
+                                                                   if "/" not in k.removeprefix("eval/")))
+                    if record:
+                        logger.write(step, record)  # one line per step, evaluation included
+                    if stopping:
+                        stop_reason = stop.reason
+                        bar.close()  # its last rate and ETA are the training's, not the save's
+                        again = " (Ctrl-C again aborts without saving)" if stop_reason == "SIGINT" else ""
+                        say(f"{stop_reason}: stopping at step {step} of {end_step}, saving a checkpoint{again}")
+                    if saves.due(step) or step == end_step or stopping:
+                        _save(checkpointer, step, trainable, rest, opt_state, data_iterator)
+                        saves.saved()
                     if stopping:
                         break
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             logger.close()
             checkpointer.close()
-    return TrainResult(steps_run=step - start_step, final_step=step, losses=losses_seen, history=history)
+    return TrainResult(steps_run=step - start_step, final_step=step, losses=losses_seen, history=history,
+                       target_step=end_step, stop_reason=stop_reason)
 
 
-def _evaluate(evaluator, graphdef, trainable_template, rest_template, trainable, rest, step: int) -> dict:
-    """Run the evaluator on the current weights (merged into a model without copying them)."""
+class SaveSchedule:
+    """When to checkpoint: every `every_steps` steps, and whenever `every_minutes` of wall time have passed since
+    the last save (or since the schedule began, after compilation). Every process must decide alike, so with
+    several processes process 0's clock decides for all: one small broadcast per step, made only when the clock
+    is on."""
+
+    def __init__(self, section: CheckpointSection, *, clock: Callable[[], float] = time.monotonic,
+                 agree: Callable[[bool], bool] = distributed.agree_with_process_0):
+        self._every_steps = section.every_steps
+        self._every_s = 60.0 * section.every_minutes
+        self._clock, self._agree = clock, agree
+        self._last = clock()
+
+    def due(self, step: int) -> bool:
+        by_steps = step % self._every_steps == 0
+        if not self._every_s:
+            return by_steps
+        by_clock = self._agree(self._clock() - self._last >= self._every_s)  # on every process, every step
+        return by_steps or by_clock
+
+    def saved(self) -> None:
+        self._last = self._clock()
+
+
+def _console(enabled: bool) -> Callable[[str], None]:
+    """Process 0's status lines, or nothing."""
+    if not enabled or jax.process_index() != 0:
+        return lambda text: None
+    return lambda text: print(text, flush=True)
+
+
+def _evaluate(evaluator, graphdef, trainable_template, rest_template, trainable, rest, step: int,
+              should_stop: Callable[[], bool], mesh) -> dict | None:
+    """Run the evaluator on the current weights (merged into a model without copying them); None if a stop
+    abandoned it. It runs in a helper thread (`distributed.run_interruptibly`), so that a signal reaches
+    `should_stop` within a denoising step."""
     model = nnx.merge(graphdef, checkpointing.tree_to_state(trainable_template, trainable),
                       checkpointing.tree_to_state(rest_template, rest))
-    return {f"eval/{name}": float(value) for name, value in evaluator(model, step).items()}
+
+    def run():
+        with jax.set_mesh(mesh):  # the mesh context is per thread
+            return evaluator(model, step, should_stop)
+
+    values = distributed.run_interruptibly(run)
+    return None if values is None else {f"eval/{name}": float(value) for name, value in values.items()}
 
 
-def _passthrough_dir(config: TrainConfig) -> str | None:
-    if config.model.init_hf_dir:
-        return None  # the hf/ passthrough of a raw HF directory is written by the converter's import
-    if config.model.init_checkpoint:
-        found = orbax_io.locate(config.model.init_checkpoint).find(orbax_io.HF_SUBDIR)
-        return found
-    return None
-
-
-def _save(checkpointer, step, trainable, rest, opt_state, data_iterator, *, force: bool) -> None:
+def _save(checkpointer, step, trainable, rest, opt_state, data_iterator) -> None:
+    """`SaveSchedule` decides; force=True keeps Orbax from second-guessing it."""
     checkpointer.save(step, params=_deep_merge(trainable, rest), opt_state=opt_state,
                       train_state={"step": step, "data_iterator": pipeline.iterator_state_json(data_iterator)},
-                      force=force)
+                      force=True)
 
 
 def _global_batch(host_batch: dict[str, np.ndarray], mesh, batch_size: int) -> dict[str, jax.Array]:

@@ -55,7 +55,7 @@ def install(step: int, point: str) -> None:
 
 def main(argv):
     install(_STEP.value, _POINT.value)
-    train_cli.main(argv)
+    return train_cli.main(argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Fault drills too slow for CI, run by hand on CPU; results are recorded in README.md next to this file.
 
     python experiments/fault_drills/drills.py sigterm_one_of_two_processes
+    python experiments/fault_drills/drills.py ctrl_c_one_of_two_processes
     python experiments/fault_drills/drills.py sigkill_during_write
     python experiments/fault_drills/drills.py disk_fills_mid_run
 
@@ -46,8 +47,19 @@ def expect(condition: bool, what: str) -> None:
 
 def sigterm_one_of_two_processes(root: str) -> None:
     """SIGTERM to process 1 only (a preemption notice reaching one host): both processes must stop after the
-    same step, save one checkpoint together (the only one: periodic saves are out of reach), exit 0; a relaunch
-    finishes like an uninterrupted run."""
+    same step, save one checkpoint together (the only one: periodic saves are out of reach), exit 143 (128 +
+    SIGTERM); a relaunch finishes like an uninterrupted run."""
+    _stop_one_of_two_processes(root, signal.SIGTERM, expected_codes=[143, 143])
+
+
+def ctrl_c_one_of_two_processes(root: str) -> None:
+    """Ctrl-C (SIGINT) to process 1 only: it hands the stop to JAX's preemption service as a SIGTERM to itself,
+    so both stop after the same step and save together, as above. Process 1 exits 130 (128 + SIGINT); process
+    0, told by the service, cannot know which signal it was and exits 143."""
+    _stop_one_of_two_processes(root, signal.SIGINT, expected_codes=[143, 130])
+
+
+def _stop_one_of_two_processes(root: str, signum: int, expected_codes: list[int]) -> None:
     config = dataclasses.replace(two_process_config(), checkpoint=CheckpointSection(every_steps=1000, keep=3))
     reference = train(config, os.path.join(root, "reference"), progress=False)
     config_file = write_config_file(config, os.path.join(root, "config.py"))
@@ -63,13 +75,13 @@ def sigterm_one_of_two_processes(root: str) -> None:
     processes, logs = launch(1)
     wait_for(lambda: read_metrics(workdir), 900, "the first step", processes, logs)
     signalled_after = read_metrics(workdir)[-1]["step"]
-    processes[1].send_signal(signal.SIGTERM)
+    processes[1].send_signal(signum)
     codes = wait_all(processes, 600, logs)
     stopped = read_metrics(workdir)
-    report("after SIGTERM to process 1", signalled_after_step=signalled_after, exit_codes=codes,
-           steps_logged=[r["step"] for r in stopped], checkpoints=checkpoint_steps(workdir),
-           process0_said=[line for line in open(logs[0]).read().splitlines() if line.startswith("done:")])
-    expect(codes == [0, 0], "both processes exit 0")
+    report(f"after {signal.Signals(signum).name} to process 1", signalled_after_step=signalled_after,
+           exit_codes=codes, steps_logged=[r["step"] for r in stopped], checkpoints=checkpoint_steps(workdir),
+           process0_said=[line for line in open(logs[0]).read().splitlines() if "stopped at step" in line])
+    expect(codes == expected_codes, f"exit codes {expected_codes}")
     expect(checkpoint_steps(workdir)[-1] == stopped[-1]["step"] < config.num_steps, "a checkpoint at the stop step")
     processes, logs = launch(2)
     codes = wait_all(processes, 900, logs)
@@ -125,7 +137,8 @@ def disk_fills_mid_run(root: str) -> None:
     expect(resumed.losses == reference.losses[last:], "resumed losses equal the uninterrupted run's")
 
 
-DRILLS = {f.__name__: f for f in (sigterm_one_of_two_processes, sigkill_during_write, disk_fills_mid_run)}
+DRILLS = {f.__name__: f for f in (sigterm_one_of_two_processes, ctrl_c_one_of_two_processes, sigkill_during_write,
+                                  disk_fills_mid_run)}
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in DRILLS:

@@ -4,12 +4,22 @@
         --puzzles=easy.txt,hard.txt --solutions=easy_solutions.txt,hard_solutions.txt --output=eval.json
     python experiments/sudoku/evaluate.py --hf_dir=/path/to/diffusiongemma-26B-A4B-it --puzzles=top95.txt \\
         --decoder=autoregressive --limit=20
-    python experiments/sudoku/evaluate.py --checkpoint=CKPT --generate=256 --min_givens=20 --max_givens=60
+    python experiments/sudoku/evaluate.py --checkpoint=CKPT --generate=128 --min_givens=40
+
+The defaults are the periodic evaluation of `configs/sudoku.py` (`config.evaluation`): puzzle stream and sampling
+seed 1234, batches of 64 (a batch's noise key folds in its first puzzle's index, so the batch size is part of
+the seed), greedy, up to 64 denoising steps, the confidence rule at 0.95, early stopping. The last command above
+therefore re-runs the default recipe's training evaluation (128 held-out puzzles with 40-60 givens) on the
+weights of a checkpoint and reproduces the numbers the trainer logged for them; `--min_givens` defaults to 20
+(every difficulty bucket) as the `:gpu` and finetune recipes evaluate.
 
 The model: `--checkpoint` (one of our checkpoints, or a training workdir's `checkpoints/`: latest step, LoRA
 adapters merged) or `--hf_dir`. Puzzles: comma-separated files, each scored on its own (one grid per line, 81
 cells with '.' or '0' for blanks or space-separated, or 9 lines of 9), with optional line-aligned solution
-files (else the solver's), and/or `--generate=N` held-out puzzles from the eval side of the split rule.
+files (else the solver's), and/or `--generate=N` held-out puzzles from the eval side of the split rule. Every
+puzzle of a file is checked first: givens breaking a rule, no solution, several solutions or a listed solution
+that does not complete its puzzle stop the run with the file and line, unless `--allow_invalid` (then they are
+scored and listed under `invalid` in the JSON). The public benchmark sets: experiments/sudoku/download_sets.py.
 Prompt format: compact for a vocabulary-16 model, else chat with the model's tokenizer (`--tokenizer` when
 none ships with the weights). Decoders: the block-diffusion sampler (settings below) or greedy
 autoregressive decoding through the encoder (the baseline).
@@ -32,6 +42,8 @@ if _REPO not in sys.path:
 
 from absl import flags  # noqa: E402
 
+from diffusion_gemma import cli  # noqa: E402
+from diffusion_gemma.cli import UsageError  # noqa: E402
 from diffusion_gemma.diffusion.sampler import ACCEPTANCE_RULES  # noqa: E402
 
 FLAGS = flags.FlagValues()  # this script's own flags: importing it next to another CLI cannot clash
@@ -50,25 +62,31 @@ _MIN_GIVENS = flags.DEFINE_integer("min_givens", 20, "--generate: fewest givens.
 _MAX_GIVENS = flags.DEFINE_integer("max_givens", 60, "--generate: most givens.", flag_values=FLAGS)
 _PUZZLE_SEED = flags.DEFINE_integer("puzzle_seed", 1234, "--generate: seed of the puzzle stream.", flag_values=FLAGS)
 _LIMIT = flags.DEFINE_integer("limit", None, "Evaluate only the first N puzzles of each file.", flag_values=FLAGS)
+_ALLOW_INVALID = flags.DEFINE_bool("allow_invalid", False, "Score puzzles whose givens break a rule, that have no "
+                                   "or several solutions, or whose listed solution is wrong (listed as invalid "
+                                   "in the JSON) instead of stopping at the first.", flag_values=FLAGS)
 _FORMAT = flags.DEFINE_enum("format", None, ["compact", "chat"], "Prompt format (default: compact for a "
                             "vocabulary-16 model, else chat).", flag_values=FLAGS)
 _DECODER = flags.DEFINE_enum("decoder", "diffusion", ["diffusion", "autoregressive"], "How answers are decoded.",
                              flag_values=FLAGS)
-_STEPS = flags.DEFINE_integer("steps", 32, "Denoising step budget per canvas.", flag_values=FLAGS)
-_ACCEPTANCE = flags.DEFINE_enum("acceptance", "entropy_bound", list(ACCEPTANCE_RULES), "Acceptance rule.",
+_STEPS = flags.DEFINE_integer("steps", 64, "Denoising step budget per canvas.", flag_values=FLAGS)
+_ACCEPTANCE = flags.DEFINE_enum("acceptance", "confidence", list(ACCEPTANCE_RULES), "Acceptance rule.",
                                 flag_values=FLAGS)
 _ENTROPY_BOUND = flags.DEFINE_float("entropy_bound", 0.1, "Bound of the entropy_bound rule.", flag_values=FLAGS)
-_ACCEPT_CONFIDENCE = flags.DEFINE_float("accept_confidence", 0.9, "Threshold of the confidence rule.",
+_ACCEPT_CONFIDENCE = flags.DEFINE_float("accept_confidence", 0.95, "Threshold of the confidence rule.",
                                         flag_values=FLAGS)
 _ACCEPT_TOP_K = flags.DEFINE_integer("accept_top_k", None, "k of the top_k rule (default: canvas / steps).",
                                      flag_values=FLAGS)
-_GREEDY = flags.DEFINE_bool("greedy", False, "Argmax instead of sampling.", flag_values=FLAGS)
+_GREEDY = flags.DEFINE_bool("greedy", True, "Argmax instead of sampling (--nogreedy: sample at the "
+                            "--t_max..--t_min temperatures).", flag_values=FLAGS)
 _EARLY_STOP = flags.DEFINE_bool("early_stop", True, "Stop a canvas once stable and confident (--noearly_stop: "
                                 "always --steps steps).", flag_values=FLAGS)
 _T_MIN = flags.DEFINE_float("t_min", 0.4, "Temperature at the last step.", flag_values=FLAGS)
 _T_MAX = flags.DEFINE_float("t_max", 0.8, "Temperature at the first step.", flag_values=FLAGS)
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Puzzles per batch.", flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 1234, "Sampling seed (the initial canvases, even when greedy).",
+                             flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Puzzles per batch (part of the noise key: see above).",
+                                   flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter and compute dtype.",
                            flag_values=FLAGS)
 _OUTPUT = flags.DEFINE_string("output", None, "Write the results here as JSON.", flag_values=FLAGS)
@@ -76,16 +94,12 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
 
 
-class UsageError(ValueError):
-    """Bad flags or input files; the message says which."""
-
-
 def parse(argv: list[str]) -> None:
     try:
         FLAGS.unparse_flags()
         FLAGS(argv)
     except flags.Error as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(f"{err} (--help lists the flags)") from None
     if (_CHECKPOINT.value is None) == (_HF_DIR.value is None):
         raise UsageError("give exactly one of --checkpoint and --hf_dir")
     if not _PUZZLES.value and not _GENERATE.value:
@@ -112,7 +126,11 @@ def run(argv: list[str]) -> dict:
     if _OUTPUT.value:
         outputs.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)  # before any work
     solutions = _SOLUTIONS.value or [None] * len(_PUZZLES.value)
-    sets = [puzzle_sets.load_set(p, s, limit=_LIMIT.value) for p, s in zip(_PUZZLES.value, solutions)]
+    try:
+        sets = [puzzle_sets.load_set(p, s, limit=_LIMIT.value, allow_invalid=_ALLOW_INVALID.value)
+                for p, s in zip(_PUZZLES.value, solutions)]
+    except puzzle_sets.InvalidPuzzleError as err:
+        raise cli.UserError(f"{err}; --allow_invalid scores such puzzles anyway") from None
     if _GENERATE.value:
         sets.append(puzzle_sets.generated_set(_GENERATE.value, seed=_PUZZLE_SEED.value,
                                               min_givens=_MIN_GIVENS.value, max_givens=_MAX_GIVENS.value))
@@ -124,12 +142,18 @@ def run(argv: list[str]) -> dict:
         sampler = sudoku_eval.sampler_config(fmt, model.config.canvas_length, **sampler_overrides())
     results = runner.run(model, sets, fmt, decoder=_DECODER.value, sampler=sampler, batch_size=_BATCH_SIZE.value,
                          seed=_SEED.value, progress=_PROGRESS.value)
+    for result, puzzle_set in zip(results, sets):
+        result["invalid"] = [dict(index=p.index, problem=p.problem) for p in puzzle_set.invalid]
     source = dict(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, merged_adapters=loaded.merged_adapters,
                   dtype=_DTYPE.value)
     doc = runner.document(results, model=model, model_source=source, format_name=format_name,
                           decoder=_DECODER.value, sampler=sampler, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
                           limit=_LIMIT.value)
     print(runner.tables(doc), flush=True)
+    for puzzle_set in sets:
+        if puzzle_set.invalid:
+            print(f"{puzzle_set.name}: {len(puzzle_set.invalid)} invalid puzzle(s) scored (--allow_invalid), "
+                  f"the first: {puzzle_set.invalid[0].problem}")
     if _OUTPUT.value:
         outputs.write_json(_OUTPUT.value, doc, overwrite=_OVERWRITE.value)
         print(f"wrote {_OUTPUT.value}")
@@ -137,22 +161,23 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    """Exit status 0, or 1 with the error (file and line for bad puzzle files) on stderr; 2 for bad flags."""
+    """Exit status 0; 1 with one line on stderr naming the file and line (bad or invalid puzzle files), the
+    checkpoint or the output for a failed run; 2 for bad flags. `--verbose` adds the traceback."""
     if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
         print(__doc__ + "\n" + FLAGS.get_help())
         return 0
     from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
     from diffusion_gemma.config import ConfigError
 
+    def evaluate() -> int:
+        run(cli.strip_verbose(argv))
+        return 0
+
     try:
-        run(argv)
-    except UsageError as err:
-        print(f"{os.path.basename(argv[0])}: usage error: {err}\n(--help lists the flags)", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, CheckpointError, ConfigError) as err:
-        print(f"{os.path.basename(argv[0])}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        cli.run_main(os.path.basename(argv[0]), evaluate, argv=argv,
+                     user_errors=(ValueError, OSError, CheckpointError, ConfigError))
+    except SystemExit as done:
+        return done.code
 
 
 if __name__ == "__main__":

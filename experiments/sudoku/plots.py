@@ -29,6 +29,9 @@ if _REPO not in sys.path:
 
 from absl import flags  # noqa: E402
 
+from diffusion_gemma import cli  # noqa: E402
+from diffusion_gemma.cli import UsageError  # noqa: E402
+
 COMMANDS = ("training", "sweep", "givens", "denoise")
 
 FLAGS = flags.FlagValues()  # this script's own flags: importing it next to another CLI cannot clash
@@ -64,10 +67,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=FLAGS)
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "sweep: puzzles per batch.", flag_values=FLAGS)
 _PANELS = flags.DEFINE_integer("panels", 12, "denoise: boards shown (evenly spaced steps, first and last kept).",
                                flag_values=FLAGS)
-
-
-class UsageError(ValueError):
-    """Bad command line."""
 
 
 def _require(command: str, *names: str) -> None:
@@ -170,11 +169,12 @@ def run(argv: list[str]) -> str:
     """Parse `argv` (the command first), draw, save; returns the PNG path."""
     try:
         FLAGS.unparse_flags()
-        rest = FLAGS(argv)
+        rest = FLAGS(cli.strip_verbose(argv))
     except flags.Error as err:
         raise UsageError(str(err)) from None
     if len(rest) != 2 or rest[1] not in COMMANDS:
-        raise UsageError(f"give one command: {' | '.join(COMMANDS)}")
+        typo = cli.did_you_mean(rest[1], COMMANDS) if len(rest) == 2 else ""
+        raise UsageError(f"give one command: {' | '.join(COMMANDS)}{typo} (--help lists the commands and flags)")
     command = rest[1]
     if not _OUTPUT.value:
         raise UsageError("--output=FILE.png is required")
@@ -214,16 +214,13 @@ def main(argv: list[str]) -> int:
     if any(arg in ("-h", "--help", "--helpshort") for arg in argv[1:]):
         print(__doc__ + "\n" + FLAGS.get_help())
         return 0
-    try:
+
+    def draw() -> int:
         run(argv)
-    except UsageError as err:
-        print(f"{os.path.basename(argv[0])}: usage error: {err}\n(--help lists the commands and flags)",
-              file=sys.stderr)
-        return 2
-    except (ValueError, OSError, ImportError) as err:
-        print(f"{os.path.basename(argv[0])}: error: {err}", file=sys.stderr)
-        return 1
-    return 0
+        return 0
+
+    return cli.exit_status(os.path.basename(argv[0]), draw, user_errors=(ValueError, OSError, ImportError),
+                           argv=argv)
 
 
 if __name__ == "__main__":

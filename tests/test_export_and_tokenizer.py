@@ -1,0 +1,259 @@
+"""A training run's checkpoint is self-contained: it carries its tokenizer, exports to a HuggingFace directory
+that transformers loads (from scratch: generated configs and an inert vision tower; LoRA: merged adapters), and
+`generate` reads it without `--tokenizer`, or (for a task's vocabulary) points at the task's tool.
+
+Two tiny runs of a few steps each: a Sudoku compact-format model from scratch, and a LoRA run on the bundled
+chat data (configs/gsm8k_lora.py:tiny's data and tokenizer, a smaller model)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from flax import nnx
+
+torch = pytest.importorskip("torch", reason="reference dependency (pip install -e .[dev])")
+transformers = pytest.importorskip("transformers", reason="reference dependency (pip install -e .[dev])")
+
+from diffusion_gemma import generate  # noqa: E402
+from diffusion_gemma.checkpoints import orbax_io  # noqa: E402
+from diffusion_gemma.checkpoints.export import INERT_VISION_CONFIG, export_hf  # noqa: E402
+from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError, SafetensorsDir  # noqa: E402
+from diffusion_gemma.config import ModelConfig, RopeConfig  # noqa: E402
+from diffusion_gemma.data.pipeline import DataConfig  # noqa: E402
+from diffusion_gemma.data.sudoku_format import TASK, CompactFormat  # noqa: E402
+from diffusion_gemma.data.tokenizer import TOKENIZER_JSON, load_tokenizer, vocabulary_task  # noqa: E402
+from diffusion_gemma.diffusion.sampler import SamplerConfig  # noqa: E402
+from diffusion_gemma.evaluation import loading  # noqa: E402
+from diffusion_gemma.model.transformer import DiffusionGemma  # noqa: E402
+from diffusion_gemma.sharding import MeshConfig  # noqa: E402
+from diffusion_gemma.training import checkpointing  # noqa: E402
+from diffusion_gemma.training import lora as lora_lib  # noqa: E402
+from diffusion_gemma.training.config import CheckpointSection, LoraSection, ModelSection, TrainConfig  # noqa: E402
+from diffusion_gemma.training.optimizer import OptimizerConfig  # noqa: E402
+from diffusion_gemma.training.trainer import train  # noqa: E402
+from hf_reference import FULL, make_reference, reference_forward  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TOKENIZER = os.path.join(REPO, "configs", "data", "tiny_tokenizer.json")
+RTOL = ATOL = 1e-5
+SMALL = dict(num_layers=2, hidden_size=32, intermediate_size=48, num_heads=2, head_dim=8, num_kv_heads=1,
+             global_head_dim=16, num_global_kv_heads=1, num_experts=4, top_k=2, moe_intermediate_size=16,
+             sliding_window=8)
+
+
+def _config(model: dict, data: DataConfig, **changes) -> TrainConfig:
+    """One step on one device: enough to move every trained weight (LoRA's b starts at zero) at the least
+    compile time."""
+    config = TrainConfig(seed=0, num_steps=1, log_every=1, model=ModelSection(preset="tiny", overrides=model),
+                         optimizer=OptimizerConfig(learning_rate=1e-2, end_learning_rate=1e-3, warmup_steps=1),
+                         data=data, mesh=MeshConfig(data=1, expert=1),
+                         checkpoint=CheckpointSection(every_steps=1, keep=1, async_save=False))
+    return dataclasses.replace(config, **changes)
+
+
+@pytest.fixture(scope="module")
+def sudoku_run(tmp_path_factory):
+    """configs/sudoku.py's default in miniature: compact format, vocabulary 16, one 81-cell canvas, the
+    row-period rotary on the full layers."""
+    model = dict(SMALL, vocab_size=16, canvas_length=81, rope_global=dataclasses.asdict(RopeConfig.first_period(9, 16)))
+    data = DataConfig(source="sudoku", sudoku_format="compact", seq_length=163, block_size=81, global_batch_size=8,
+                      num_synthetic_examples=16, sudoku_min_givens=35, sudoku_max_givens=60)
+    workdir = str(tmp_path_factory.mktemp("sudoku_run"))
+    train(_config(model, data), workdir, progress=False, devices=jax.devices()[:1])
+    return os.path.join(workdir, "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    """configs/gsm8k_lora.py:tiny's data, tokenizer and LoRA settings on a smaller model, from scratch."""
+    data = DataConfig(source="chat_jsonl", path=os.path.join(REPO, "configs", "data", "tiny_chat.jsonl"),
+                      tokenizer=TINY_TOKENIZER, seq_length=96, block_size=32, global_batch_size=8)
+    config = _config(dict(SMALL, vocab_size=512, canvas_length=32), data,
+                     lora=LoraSection(enabled=True, rank=8, alpha=16.0))
+    workdir = str(tmp_path_factory.mktemp("lora_run"))
+    train(config, workdir, progress=False, devices=jax.devices()[:1])
+    return os.path.join(workdir, "checkpoints"), config
+
+
+def _load_torch(hf_dir: str):
+    model, info = transformers.DiffusionGemmaForBlockDiffusion.from_pretrained(
+        hf_dir, output_loading_info=True, attn_implementation="eager")
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@nnx.jit
+def _forward(model, ids, canvas):
+    return model(ids, canvas)
+
+
+def _inputs(vocab: int, canvas_length: int):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, vocab, (2, 11)), rng.integers(0, vocab, (2, canvas_length))
+
+
+def _logits_match(model, torch_model, vocab: int, canvas_length: int) -> np.ndarray:
+    """Our logits for random inputs, checked against transformers'."""
+    ids, canvas = _inputs(vocab, canvas_length)
+    expected, _ = reference_forward(torch_model, ids, canvas)
+    ours = np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(canvas)))
+    np.testing.assert_allclose(ours, expected, rtol=RTOL, atol=ATOL)
+    return ours
+
+
+# --------------------------------------------------------------------------------------------- from scratch
+def test_training_run_carries_the_compact_tokenizer(sudoku_run):
+    tokenizer_dir = os.path.join(sudoku_run, orbax_io.TOKENIZER_SUBDIR)
+    assert sorted(os.listdir(tokenizer_dir)) == ["tokenizer.json", "tokenizer_config.json"]
+    assert not os.path.exists(os.path.join(sudoku_run, orbax_io.HF_SUBDIR))  # nothing came from HuggingFace
+    assert orbax_io.locate(sudoku_run).tokenizer_file() == os.path.join(tokenizer_dir, TOKENIZER_JSON)
+    assert vocabulary_task(tokenizer_dir) == TASK
+    tokenizer, fmt = load_tokenizer(tokenizer_dir), CompactFormat()
+    puzzle = np.arange(81).reshape(9, 9) % 10
+    assert [tokenizer.bos_id] + tokenizer.encode("".join(map(str, puzzle.reshape(-1)))) == fmt.prompt_ids(puzzle)
+    assert (tokenizer.pad_id, tokenizer.eos_id, tokenizer.vocab_size) == (fmt.PAD, fmt.EOS, fmt.VOCAB_SIZE)
+
+
+def test_from_scratch_export_loads_in_transformers(sudoku_run, tmp_path):
+    """No hf/ passthrough: config.json from the model config (with the inert vision tower), the sampler's
+    generation config and the run's tokenizer; transformers' logits equal ours, its tokenizer encodes a puzzle
+    to the compact ids."""
+    out = str(tmp_path / "hf")
+    export_hf(sudoku_run, out, progress=False)
+    model = orbax_io.load_model(sudoku_run)
+    assert json.load(open(os.path.join(out, "config.json")))["vision_config"] == INERT_VISION_CONFIG
+    with SafetensorsDir(out) as exported:
+        vision = [key for key in exported.keys() if "vision" in key]
+        assert len(vision) == 3 and all(not exported.read(key).any() for key in vision)
+    torch_model = _load_torch(out)
+    _logits_match(model, torch_model, 16, 81)
+    defaults = SamplerConfig()
+    # 256 new tokens (the sampler's default) rounded up to whole 81-cell canvases.
+    assert SamplerConfig.from_generation_config(out) == defaults.replace(
+        eos_token_ids=model.config.eos_token_ids, pad_token_id=model.config.pad_token_id, max_new_tokens=4 * 81)
+    generation = torch_model.generation_config
+    assert (generation.max_denoising_steps, generation.sampler_config.entropy_bound, generation.eos_token_id) == (
+        defaults.max_denoising_steps, defaults.entropy_bound, list(model.config.eos_token_ids))
+    puzzle = np.arange(81).reshape(9, 9) % 10
+    for tokenizer_class in (transformers.AutoTokenizer, transformers.PreTrainedTokenizerFast):
+        hf_tokenizer = tokenizer_class.from_pretrained(out)
+        ids = hf_tokenizer(" ".join(map(str, puzzle.reshape(-1))), add_special_tokens=False).input_ids
+        assert [hf_tokenizer.bos_token_id] + ids == CompactFormat().prompt_ids(puzzle)
+        assert (hf_tokenizer.pad_token_id, hf_tokenizer.eos_token_id) == (CompactFormat.PAD, CompactFormat.EOS)
+
+
+def test_generate_on_the_sudoku_vocabulary_points_at_the_sudoku_tool(sudoku_run):
+    """The real entry point: one line naming the task's tool, exit 1, no traceback."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-m", "diffusion_gemma.generate", f"--checkpoint={sudoku_run}",
+                             "--prompt=530070000"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("generate:")]
+    assert lines == [f"generate: error: this model's vocabulary is the sudoku task's compact format, not text; use "
+                     f"experiments/sudoku/evaluate.py --checkpoint={sudoku_run}"], result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+def _model_running_adapters(checkpoint: str, config: TrainConfig) -> DiffusionGemma:
+    """The trained model as training ran it: base weights plus live adapters (not merged)."""
+    model_config = orbax_io.read_model_config(orbax_io.locate(checkpoint))
+    model = DiffusionGemma(model_config, rngs=nnx.Rngs(0))
+    lora_lib.apply_lora(model, config.lora.to_lora_config(), nnx.Rngs(1))
+    stored = orbax_io.flatten(orbax_io.restore_params(checkpoint))
+    variables = orbax_io.model_variables(model)
+    assert set(variables) == set(stored)
+    for path, variable in variables.items():
+        variable.set_value(jnp.asarray(stored[path]))
+    return model
+
+
+def test_lora_run_exports_merged_and_loads_in_transformers(lora_run, tmp_path):
+    checkpoint, config = lora_run
+    out = str(tmp_path / "hf")
+    with pytest.raises(CheckpointError, match="pass --merge_lora"):
+        export_hf(checkpoint, out, progress=False)
+    export_hf(checkpoint, out, merge_lora=True, progress=False)
+    live = _model_running_adapters(checkpoint, config)
+    ours = _logits_match(live, _load_torch(out), 512, 32)
+    merged = orbax_io.load_model(checkpoint)  # the loaders merge too
+    np.testing.assert_allclose(np.asarray(_forward(merged, *map(jnp.asarray, _inputs(512, 32)))), ours,
+                               rtol=RTOL, atol=ATOL)
+    base = orbax_io.flatten(orbax_io.restore_params(checkpoint))
+    q_proj = ("blocks", "0", "attn", "q_proj")
+    assert not np.allclose(np.asarray(orbax_io.model_variables(merged)[q_proj].get_value()), base[q_proj])
+    assert load_tokenizer(out).encode("hello world") == load_tokenizer(TINY_TOKENIZER).encode("hello world")
+    assert transformers.AutoTokenizer.from_pretrained(out)("hello world", add_special_tokens=False).input_ids == \
+        load_tokenizer(TINY_TOKENIZER).encode("hello world")
+
+
+def test_generate_reads_a_lora_run_without_tokenizer_flag(lora_run, capsys):
+    checkpoint, _ = lora_run
+    loaded = loading.load(checkpoint=checkpoint)
+    assert loaded.merged_adapters > 0 and loaded.tokenizer.endswith(os.path.join("tokenizer", TOKENIZER_JSON))
+    argv = ["generate", f"--checkpoint={checkpoint}", "--prompt=how many coins", "--chat", "--max_new_tokens=8",
+            "--max_denoising_steps=2", "--fixed_steps"]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+        generate.main([argv[0]])
+    finally:
+        flags.FLAGS.unparse_flags()
+    printed = capsys.readouterr().out
+    assert printed.count("tokens per forward") == 1 and "2 denoising steps" in printed
+
+
+# ------------------------------------------------------------------------------------- starting from HF weights
+def test_checkpointer_keeps_what_the_initial_hf_weights_came_with(tmp_path):
+    """A run from an HF directory keeps its passthrough (non-weight files, vision tower byte for byte) and its
+    tokenizer files; a resumed run's checkpointer leaves both as the first start wrote them."""
+    hf_dir = str(tmp_path / "hf_model")
+    make_reference(hf_dir, seed=1, layers=1, layer_types=[FULL], vocab_size=512)
+    companions = {"tokenizer_config.json": '{"tokenizer_class": "GemmaTokenizer"}', "chat_template.jinja": "{{ x }}"}
+    for name, text in dict(companions, **{TOKENIZER_JSON: open(TINY_TOKENIZER).read()}).items():
+        (tmp_path / "hf_model" / name).write_text(text)
+    root = str(tmp_path / "checkpoints")
+
+    def checkpointer():
+        return checkpointing.TrainCheckpointer(root, model_config=ModelConfig.from_hf_dir(hf_dir), lora=None, keep=1,
+                                               async_save=False, hf_source=hf_dir, tokenizer=load_tokenizer(hf_dir))
+
+    checkpointer().close()
+    passthrough, tokenizer_dir = os.path.join(root, orbax_io.HF_SUBDIR), os.path.join(root, orbax_io.TOKENIZER_SUBDIR)
+    with SafetensorsDir(hf_dir) as original, SafetensorsDir(os.path.join(passthrough, orbax_io.EXTRA_TENSORS_FILE)) \
+            as kept:
+        vision = [key for key in original.keys() if "vision" in key]
+        assert vision and sorted(kept.keys()) == sorted(vision)
+        assert all(kept.read(key).tobytes() == original.read(key).tobytes() for key in vision)
+    assert open(os.path.join(passthrough, "config.json")).read() == open(os.path.join(hf_dir, "config.json")).read()
+    for name, text in companions.items():
+        assert open(os.path.join(tokenizer_dir, name)).read() == text
+    # tokenizer/ is the run's own: it wins over the copy in hf/.
+    assert orbax_io.CheckpointDir(root, root).tokenizer_file() == os.path.join(tokenizer_dir, TOKENIZER_JSON)
+    with open(os.path.join(tokenizer_dir, "chat_template.jinja"), "w") as f:
+        f.write("changed")
+    checkpointer().close()
+    assert open(os.path.join(tokenizer_dir, "chat_template.jinja")).read() == "changed"
+    assert not [name for name in os.listdir(root) if "partial" in name]
+
+
+def test_a_standalone_tokenizer_file_gets_a_config_transformers_reads(tmp_path):
+    """data.tokenizer as a lone file: copied as tokenizer.json (its neighbours are not its own) with a
+    tokenizer_config.json naming its special tokens."""
+    tokenizer = load_tokenizer(TINY_TOKENIZER)
+    tokenizer.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer.json", "tokenizer_config.json"]
+    assert open(tmp_path / "tokenizer.json").read() == open(TINY_TOKENIZER).read()
+    assert vocabulary_task(str(tmp_path)) is None
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf_tokenizer.bos_token_id, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
