@@ -30,7 +30,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes of a manual launch.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a manual launch (0: the one that "
                                    "writes metrics and checkpoint metadata).")
-flags.mark_flags_as_required(["config"])
 
 PROG = "train"
 
@@ -69,6 +68,10 @@ def stop_line(result, workdir: str) -> tuple[str, int]:
 def main(argv) -> int:
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
+    # Checked here rather than with absl's mark_flags_as_required, whose validator would then bind every tool
+    # that shares the process's flags (tests, notebooks) to a --config flag it does not have.
+    if _CONFIG.value is None:
+        raise cli.UsageError("--config=FILE[:variant] is required")
     config_arg = config_flags.get_config_filename(flags.FLAGS["config"])
     workdir = _WORKDIR.value or default_workdir(config_arg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):

@@ -50,6 +50,9 @@ def test_misspelled_config_path_suggests_the_file(tmp_path):
     result = run("diffusion_gemma.train", "--config=configs/sudok.py", f"--workdir={workdir}")
     line = one_line(result, 2, "configs/sudok.py", "did you mean configs/sudoku.py?")
     assert line.startswith("train: usage error:") and not result.stdout and not workdir.exists()
+    result = run("diffusion_gemma.train", f"--workdir={workdir}")
+    one_line(result, 2, "--config=FILE[:variant] is required")
+    assert not workdir.exists()
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -575,16 +575,23 @@ def test_ablation_config_variants_change_one_thing_each():
 
 
 def test_committed_checkpoint_reproduces_its_recorded_evaluation():
-    """experiments/sudoku/checkpoint is the CPU run's step 800: through the evaluate CLI, with its defaults (the
-    training evaluation's settings), it solves the training evaluation's 128 held-out easy puzzles as that run
-    logged (24/128, 78.0% of blanks; README). Greedy and deterministic; the bound of one board / 0.5 points
-    allows for float reordering on another CPU."""
+    """experiments/sudoku/checkpoint through the evaluate CLI with its defaults (the training evaluation's settings
+    and seed) scores like its recorded three-seed evaluation (results/committed_checkpoint_three_seeds.json).
+    Tolerance: 3 standard deviations around the recorded mean, the solve rate's deviation being the larger of the
+    seeds' spread and the binomial standard error of 128 boards; the blank-cell accuracy's at least 0.5 points.
+    Another CPU rounds differently and may flip a few greedy decisions, so an exact count would pass or fail by
+    luck; a broken model or pipeline is far outside this band."""
+    recorded = json.load(open(os.path.join(REPO, "experiments", "sudoku", "results",
+                                           "committed_checkpoint_three_seeds.json")))["summary"]
     evaluate = load_script("evaluate")
     doc = evaluate.run(["evaluate", f"--checkpoint={os.path.join(REPO, 'experiments', 'sudoku', 'checkpoint')}",
                         "--generate=128", "--min_givens=40", "--noprogress"])
     (result,) = doc["sets"]
     report = result["report"]["all"]
     assert result["count"] == 128
-    assert abs(report["solve_rate"] * 128 - 24) <= 1, report
-    assert abs(report["blank_cell_accuracy"] - 0.7803) <= 0.005, report
+    mean = recorded["solve_rate_mean"]
+    solve_sd = max(recorded["solve_rate_stdev"], (mean * (1 - mean) / 128) ** 0.5)
+    assert abs(report["solve_rate"] - mean) <= 3 * solve_sd, (report, recorded)
+    blank_sd = max(recorded["blank_cell_accuracy_stdev"], 0.005)
+    assert abs(report["blank_cell_accuracy"] - recorded["blank_cell_accuracy_mean"]) <= 3 * blank_sd, report
     assert report["givens_preserved_rate"] == 1.0
