@@ -63,16 +63,21 @@ def test_ctrl_c_saves_the_step_reached_and_the_same_command_resumes_exactly(unin
 
 @main_thread_only
 def test_the_first_ctrl_c_asks_for_a_stop_the_second_aborts():
-    previous = signal.getsignal(signal.SIGINT)
-    with distributed.StopSignal() as stop:
-        assert not stop.check()
-        os.kill(os.getpid(), signal.SIGINT)
-        assert stop.check() and stop.reason == "SIGINT"
-        assert signal.getsignal(signal.SIGINT) is previous  # the second Ctrl-C meets the usual handler
-        with pytest.raises(KeyboardInterrupt):
+    # Python's own Ctrl-C handler, as a user's process has it (a test worker may inherit another one).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with distributed.StopSignal() as stop:
+            assert not stop.check()
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1.0)  # the handler runs here at the latest
-    assert signal.getsignal(signal.SIGINT) is previous
+            assert stop.check() and stop.reason == "SIGINT"
+            # the second Ctrl-C meets the usual handler
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.0)  # the handler runs here at the latest
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 @main_thread_only
