@@ -14,3 +14,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Many tests compile the same programs (one tiny model, several runs): share compilations across them.
 jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "diffusion_gemma_test_jax_cache"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: trains a model, runs a CLI in a subprocess or executes a notebook (seconds to a minute "
+                   "each); `-m \"not slow\"` is the fast inner loop, the full suite stays the CI command")

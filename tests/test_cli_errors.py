@@ -18,6 +18,8 @@ from diffusion_gemma.training.config import TrainConfig
 
 from cli_runs import REPO, cli_env, write_config_file
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 
 def run(module: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = dict(env or cli_env(1))

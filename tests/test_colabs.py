@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need the dev extra (pip install -e .[dev])")
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need the dev extra (pip install -e .[dev])")
 pytest.importorskip("ipykernel", reason="notebook tests need the dev extra (pip install -e .[dev])")

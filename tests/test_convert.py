@@ -165,6 +165,7 @@ def test_mixed_dtypes_come_back_as_they_were(sources, work):
         assert _json(os.path.join(out, "config.json")) == _json(os.path.join(hf_dir, "config.json"))
 
 
+@pytest.mark.slow
 def test_cli_round_trip_and_refusals(sources, work):
     """`python -m diffusion_gemma.convert`: both sub-commands, an existing output refused without --overwrite
     (exit 1, message on stderr), and flags of the other sub-command rejected."""

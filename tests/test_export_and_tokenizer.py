@@ -42,6 +42,8 @@ from diffusion_gemma.training.optimizer import OptimizerConfig  # noqa: E402
 from diffusion_gemma.training.trainer import train  # noqa: E402
 from hf_reference import FULL, make_reference, reference_forward  # noqa: E402
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_TOKENIZER = os.path.join(REPO, "configs", "data", "tiny_tokenizer.json")
 RTOL = ATOL = 1e-5

@@ -18,6 +18,8 @@ from test_training import tiny_config, uninterrupted  # noqa: F401  (the fixture
 from diffusion_gemma.training.config import CheckpointSection
 from diffusion_gemma.training.trainer import train
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 
 def test_sigterm_saves_the_step_reached_exits_143_and_the_resume_continues_exactly(uninterrupted, tmp_path):
     _, full = uninterrupted

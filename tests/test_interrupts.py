@@ -26,6 +26,8 @@ from diffusion_gemma.training.config import CheckpointSection, TrainConfigError,
 from diffusion_gemma.training.metrics import drop_lines_after
 from diffusion_gemma.training.trainer import SaveSchedule, train
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 main_thread_only = pytest.mark.skipif(threading.current_thread() is not threading.main_thread(),
                                       reason="Python delivers signals to the main thread only")
 

@@ -18,6 +18,8 @@ from diffusion_gemma.data import pipeline
 from diffusion_gemma.sharding import MeshConfig
 from diffusion_gemma.training.config import CheckpointSection, ModelSection
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 # Float tolerance between the two-process and the one-process run: same program, compiler flags and data rows,
 # but the cross-process reductions run through gloo instead of XLA's in-process all-reduce, which may add
 # partial sums in another order: fp32 rounding, ~1e-7 relative per step, compounded over a few Adam steps.

@@ -370,6 +370,7 @@ def trained(tmp_path_factory):
     return workdir, types.SimpleNamespace(**json.loads(summary.read_text()))
 
 
+@pytest.mark.slow
 def test_training_runs_the_periodic_sudoku_evaluation(trained):
     workdir, result = trained
     assert result.final_step == 2 and all(np.isfinite(result.losses))
@@ -398,6 +399,7 @@ def puzzle_files(tmp_path_factory, pairs):
     return {k: str(v) for k, v in files.items()}
 
 
+@pytest.mark.slow
 def test_evaluate_cli_diffusion_json_tables_and_overwrite(trained, puzzle_files, tmp_path, capsys):
     evaluate = load_script("evaluate")
     output = str(tmp_path / "eval.json")
@@ -436,6 +438,7 @@ def test_evaluate_cli_diffusion_json_tables_and_overwrite(trained, puzzle_files,
     assert again["sets"][0]["report"]["all"]["mean_forwards"] == 4.0  # no early stop: the whole budget
 
 
+@pytest.mark.slow
 def test_evaluate_cli_autoregressive_on_two_files(trained, puzzle_files, capsys):
     evaluate = load_script("evaluate")
     doc = evaluate.run(["evaluate", f"--checkpoint={os.path.join(trained[0], 'checkpoints')}",
@@ -463,6 +466,7 @@ def test_evaluate_cli_reports_bad_puzzle_file_with_line(tmp_path, puzzle_files, 
     assert "exactly one of --checkpoint and --hf_dir" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_cli_stops_at_an_invalid_puzzle_unless_allowed(trained, puzzle_files, pairs, tmp_path, capsys):
     puzzles, solutions = pairs
     evaluate = load_script("evaluate")
@@ -502,6 +506,7 @@ def test_evaluate_defaults_are_the_training_evaluation():
         config.seed, config.seed, config.batch_size, config.max_givens)
 
 
+@pytest.mark.slow
 def test_training_curve_plot_from_the_run(trained, tmp_path):
     pytest.importorskip("matplotlib", reason="the plots need the optional 'plots' extra (matplotlib)")
     plots = load_script("plots")
@@ -539,6 +544,7 @@ def test_periodic_evaluation_passes_its_sampler_settings(monkeypatch, tmp_path):
     assert values["solve_rate"] == 1.0 and values["easy/solve_rate"] == 1.0 and values["mean_forwards"] == 5.0
 
 
+@pytest.mark.slow
 def test_ablation_table_summarises_a_training_workdir(trained, tmp_path, capsys):
     workdir, result = trained
     table = load_script("ablation_table")
@@ -574,6 +580,7 @@ def test_ablation_config_variants_change_one_thing_each():
         ablation.get_config("rope9")
 
 
+@pytest.mark.slow
 def test_committed_checkpoint_reproduces_its_recorded_evaluation():
     """experiments/sudoku/checkpoint through the evaluate CLI with its defaults (the training evaluation's settings
     and seed) scores like its recorded three-seed evaluation (results/committed_checkpoint_three_seeds.json).

@@ -26,6 +26,8 @@ from diffusion_gemma.training.config import from_config_dict  # noqa: E402
 from hf_reference import FULL, make_reference  # noqa: E402
 from test_sudoku_eval import TINY_TOKENIZER, load_script, load_sudoku_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # see tests/conftest.py
+
 CANVAS = 96  # = finetune_tiny's data.block_size
 
 

@@ -48,6 +48,7 @@ def uninterrupted(tmp_path_factory):
     return workdir, train(tiny_config(), workdir, progress=False)
 
 
+@pytest.mark.slow
 def test_tiny_run_lowers_the_loss(uninterrupted):
     _, result = uninterrupted
     assert result.final_step == 8 and len(result.losses) == 8
@@ -55,6 +56,7 @@ def test_tiny_run_lowers_the_loss(uninterrupted):
     assert all(np.isfinite(result.losses))
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_losses_exactly(uninterrupted, tmp_path):
     _, full = uninterrupted
     workdir = str(tmp_path)
@@ -65,6 +67,7 @@ def test_resume_reproduces_the_uninterrupted_losses_exactly(uninterrupted, tmp_p
     np.testing.assert_array_equal(first.losses + second.losses, full.losses)
 
 
+@pytest.mark.slow
 def test_full_sft_keeps_the_router_and_trains_the_rest(uninterrupted):
     workdir, _ = uninterrupted
     before, after = read_params(workdir, 4), read_params(workdir, 8)
@@ -77,6 +80,7 @@ def test_full_sft_keeps_the_router_and_trains_the_rest(uninterrupted):
                               before[("blocks", "1", "moe", "gate_up_proj")])
 
 
+@pytest.mark.slow
 def test_lora_run_changes_only_lora_parameters(tmp_path):
     workdir = str(tmp_path)
     config = tiny_config(num_steps=4, lora=LoraSection(enabled=True, rank=4, alpha=8.0),
@@ -93,6 +97,7 @@ def test_lora_run_changes_only_lora_parameters(tmp_path):
     assert "blocks/0/attn/q_proj_lora" in lora_meta
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_on_8_devices_restores_on_4(uninterrupted, tmp_path):
     source, full = uninterrupted
     workdir = str(tmp_path)
@@ -107,6 +112,7 @@ def test_checkpoint_saved_on_8_devices_restores_on_4(uninterrupted, tmp_path):
     np.testing.assert_allclose(resumed.losses[0], full.losses[4], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     workdir = str(tmp_path)
     one_device = dict(mesh=MeshConfig(data=1, expert=1))
@@ -137,6 +143,7 @@ def test_unknown_config_key_lists_the_valid_ones():
         from_config_dict({"num_stepz": 3})
 
 
+@pytest.mark.slow
 def test_incompatible_checkpoint_in_workdir_is_refused_untouched(uninterrupted, tmp_path):
     source, _ = uninterrupted
     workdir = str(tmp_path)
