@@ -1,4 +1,5 @@
-"""LoRA SFT of DiffusionGemma 26B-A4B (rank 16, alpha 32 on attention q/k/v/o and the dense MLP; TRAINING.md §7-8).
+"""LoRA SFT of DiffusionGemma 26B-A4B (rank 16, alpha 32 on attention q/k/v/o and the dense MLP;
+docs/TRAINING.md §7-8).
 
   python -m diffusion_gemma.train --config=configs/gsm8k_lora.py --workdir=/tmp/gsm8k_lora \\
       --config.model.init_hf_dir=/path/to/diffusiongemma-26B-A4B-it --config.data.path=/path/to/train.jsonl \\

@@ -1,4 +1,4 @@
-"""Full SFT of DiffusionGemma 26B-A4B on GSM8K-style chat data (the NeMo reference recipe, TRAINING.md §8).
+"""Full SFT of DiffusionGemma 26B-A4B on GSM8K-style chat data (the NeMo reference recipe, docs/TRAINING.md §8).
 
   python -m diffusion_gemma.train --config=configs/gsm8k_sft.py --workdir=/tmp/gsm8k_sft \\
       --config.model.init_hf_dir=/path/to/diffusiongemma-26B-A4B-it --config.data.path=/path/to/train.jsonl \\

@@ -290,7 +290,7 @@ class ModelConfig:
 
     @classmethod
     def gemma4_26b_a4b(cls, **overrides) -> "ModelConfig":
-        """The released DiffusionGemma 26B-A4B text stack (ARCHITECTURE.md, 'Released 26B-A4B shape')."""
+        """The released DiffusionGemma 26B-A4B text stack (docs/ARCHITECTURE.md §2, 'The released 26B-A4B shape')."""
         kwargs = dict(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_layers=30, num_heads=16,
                       head_dim=256, num_kv_heads=8, global_head_dim=512, num_global_kv_heads=2, sliding_window=1024,
                       num_experts=128, top_k=8, moe_intermediate_size=704, canvas_length=256,

@@ -1,5 +1,5 @@
-"""Attention visibilities checked against brute-force loops over the rules of TRAINING.md §4 and ARCHITECTURE.md,
-and against what the model itself uses at inference."""
+"""Attention visibilities checked against brute-force loops over the rules of docs/TRAINING.md §4 and
+docs/ARCHITECTURE.md §8, and against what the model itself uses at inference."""
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,7 @@ def test_encoder_visibility_matches_the_causal_sliding_rule():
 
 
 def _expected_training_visibility(key_mask, starts, canvas_blocks, canvas_valid, layer_type):
-    """TRAINING.md §4, one (query, key) pair at a time."""
+    """docs/TRAINING.md §4, one (query, key) pair at a time."""
     batch, cache_length = key_mask.shape
     canvas_length = canvas_blocks.shape[1]
     out = np.zeros((batch, canvas_length, cache_length + canvas_length), bool)

@@ -1,7 +1,7 @@
 """The jitted sampler against transformers' `DiffusionGemmaForBlockDiffusion.generate`, token for token, on a tiny
 random checkpoint; plus the invariances of the strategies the reference does not have.
 
-Exactness (SAMPLING.md "Making a port testable"): either no randomness matters (one block, a fixed initial
+Exactness (docs/SAMPLING.md §7 "Making the sampler testable"): either no randomness matters (one block, a fixed initial
 canvas, near-zero temperatures, everything accepted), or the reference's draws are replayed from our
 `NoiseTape`: its `EntropyBoundSampler.initialize_canvas` (one full canvas at the start of every block, drawn even
 when a canvas is supplied, then one per step for renoising) and `torch.multinomial` (one per step, replaced by

@@ -1,6 +1,6 @@
 """Forward (noising) process of the SFT objective: one rate t per example, applied to supervised positions only.
 
-Uniform-random replacement is what DiffusionGemma was trained with (TRAINING.md §3): each supervised token is
+Uniform-random replacement is what DiffusionGemma was trained with (docs/TRAINING.md §3): each supervised token is
 replaced with probability t by a token drawn uniformly from the whole vocabulary, which may equal the clean
 token. The absorbing variant (replace by a [MASK] id) is offered for experiments. Prompt, BOS and pad positions
 are never touched.

@@ -2,7 +2,7 @@
 
 Every term is returned unnormalised together with the number of items it sums over, so the trainer can add
 the pairs over micro-batches and devices and divide ONCE by the global count: the result is then exactly the
-loss of the whole global batch, whatever its split (TRAINING.md §6).
+loss of the whole global batch, whatever its split (docs/TRAINING.md §6).
 """
 
 from __future__ import annotations

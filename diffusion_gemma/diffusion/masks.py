@@ -3,7 +3,7 @@
 Decoder visibilities use the layout `DiffusionGemma.decode` takes: one array per layer type, [B, C, T + C], over
 keys [cache slots 0..T-1 ; canvas 0..C-1]. The model turns False into the dtype's most negative finite value.
 
-The training visibility (TRAINING.md §4) is the main invariant of the objective: a canvas query of response
+The training visibility (docs/TRAINING.md §4) is the main invariant of the objective: a canvas query of response
 block qb may read the CLEAN encoder copies of strictly earlier blocks only (`qb > eb(k)`); `>=` would show it
 the answer. On sliding layers the encoder window is anchored at the block start, so a training block sees
 exactly what block-by-block inference holds in its cache.

@@ -1,4 +1,4 @@
-"""The SFT objective: corrupt -> encode -> pass 1 -> pass 2 -> losses (TRAINING.md).
+"""The SFT objective: corrupt -> encode -> pass 1 -> pass 2 -> losses (docs/TRAINING.md).
 
 Three entry points for the trainer, all pure functions of (graphdef, params, ...) so they can be jitted and
 differentiated with `jax.grad(..., argnums=1)`:
@@ -62,7 +62,7 @@ class ObjectiveSettings:
                              f"{FULL_RESPONSE!r}")
 
     def for_eval(self) -> "ObjectiveSettings":
-        """Evaluation scores the diffusion term only, without self-conditioning (TRAINING.md §6)."""
+        """Evaluation scores the diffusion term only, without self-conditioning (docs/TRAINING.md §6)."""
         return dataclasses.replace(self, self_conditioning_probability=0.0, ar_weight=0.0)
 
 

@@ -1,6 +1,6 @@
 """Block-diffusion generation, fully jitted: `generate(model, prompt_ids, prompt_mask, rng, config)`.
 
-The algorithm is transformers' `DiffusionGemmaForBlockDiffusion.generate` (SAMPLING.md), reproduced token for
+The algorithm is transformers' `DiffusionGemmaForBlockDiffusion.generate` (docs/SAMPLING.md), reproduced token for
 token. A fixed-size cache holds the prompt and every block. Each block of C tokens starts from uniform noise and
 is denoised by a `jax.lax.while_loop` of decoder passes that read the cache, until every row is stable and
 confident or N steps have run; its argmax canvas (after EOS/pad replacement) is appended and encoded into the

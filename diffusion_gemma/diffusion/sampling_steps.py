@@ -1,6 +1,6 @@
 """The math of one block-diffusion sampling step, as pure functions (no model, no loop state).
 
-Each function mirrors one piece of transformers' `DiffusionGemmaForBlockDiffusion.generate` (SAMPLING.md) in the
+Each function mirrors one piece of transformers' `DiffusionGemmaForBlockDiffusion.generate` (docs/SAMPLING.md) in the
 exact arithmetic form the reference uses, so the jitted sampler (`sampler.py`) agrees with it token for token:
 the temperature of a step, the per-position entropy, the entropy-bound acceptance, the stable-and-confident stop
 rule and the EOS/pad post-processing of a finished canvas. The other acceptance rules offered by the sampler

@@ -1,4 +1,4 @@
-"""The two-pass self-conditioning rule of training (TRAINING.md §5).
+"""The two-pass self-conditioning rule of training (docs/TRAINING.md §5).
 
 Pass 1 denoises the canvas with a zero self-conditioning signal and is detached; pass 2 reads pass 1's raw fp32
 logits, switched on per example by a coin. Only pass 2 is differentiable and scored. "Off" is a zero soft

@@ -41,7 +41,7 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ObjectiveSection:
-    """The SFT objective's settings (TRAINING.md); the block size is the data's."""
+    """The SFT objective's settings (docs/TRAINING.md); the block size is the data's."""
 
     noise_eps: float = 1e-3
     self_conditioning_probability: float = 0.5

@@ -13,7 +13,7 @@ ROUTER_PARAMS = ("router_proj", "router_scale")
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """Reference recipe (TRAINING.md §8): AdamW 1.5e-4, betas 0.95/0.99, eps 1e-8, wd 1e-4, clip 1.0, 25 warm-up
+    """Reference recipe (docs/TRAINING.md §8): AdamW 1.5e-4, betas 0.95/0.99, eps 1e-8, wd 1e-4, clip 1.0, 25 warm-up
     steps from 0, cosine to 1.5e-5."""
 
     learning_rate: float = 1.5e-4

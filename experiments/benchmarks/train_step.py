@@ -199,7 +199,7 @@ def torch_worker(args, layers: int, mode: str) -> dict:
         p.requires_grad_(False)
     for p in model.model.encoder.embed_vision.parameters():
         p.requires_grad_(False)
-    for layer in decoder.layers:  # full SFT: everything but the router (TRAINING.md §7)
+    for layer in decoder.layers:  # full SFT: everything but the router (docs/TRAINING.md §7)
         layer.router.proj.weight.requires_grad_(False)
         layer.router.scale.requires_grad_(False)
 
