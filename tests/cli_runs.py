@@ -113,3 +113,16 @@ def checkpoint_steps(workdir: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
     return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def run_flag_main(main, argv: list[str]):
+    """Call an absl CLI's `main` in this process with `argv` parsed into the global flags, leaving them unparsed
+    afterwards (the next test starts from the defaults)."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+        return main([argv[0]])
+    finally:
+        flags.FLAGS.unparse_flags()

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
 from flax import nnx
 
 torch = pytest.importorskip("torch", reason="reference dependency (pip install -e .[dev])")
@@ -40,6 +39,8 @@ from diffusion_gemma.training import lora as lora_lib  # noqa: E402
 from diffusion_gemma.training.config import CheckpointSection, LoraSection, ModelSection, TrainConfig  # noqa: E402
 from diffusion_gemma.training.optimizer import OptimizerConfig  # noqa: E402
 from diffusion_gemma.training.trainer import train  # noqa: E402
+
+from cli_runs import run_flag_main  # noqa: E402
 from hf_reference import FULL, make_reference, reference_forward  # noqa: E402
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
@@ -204,12 +205,7 @@ def test_generate_reads_a_lora_run_without_tokenizer_flag(lora_run, capsys):
     assert loaded.merged_adapters > 0 and loaded.tokenizer.endswith(os.path.join("tokenizer", TOKENIZER_JSON))
     argv = ["generate", f"--checkpoint={checkpoint}", "--prompt=how many coins", "--chat", "--max_new_tokens=8",
             "--max_denoising_steps=2", "--fixed_steps"]
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    try:
-        generate.main([argv[0]])
-    finally:
-        flags.FLAGS.unparse_flags()
+    run_flag_main(generate.main, argv)
     printed = capsys.readouterr().out
     assert printed.count("tokens per forward") == 1 and "2 denoising steps" in printed
 

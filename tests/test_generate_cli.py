@@ -10,7 +10,6 @@ import sys
 
 import numpy as np
 import pytest
-from absl import flags
 
 torch = pytest.importorskip("torch", reason="builds the checkpoint with transformers (pip install -e .[dev])")
 pytest.importorskip("transformers", reason="builds the checkpoint with transformers (pip install -e .[dev])")
@@ -18,6 +17,7 @@ pytest.importorskip("transformers", reason="builds the checkpoint with transform
 from diffusion_gemma import generate as cli  # noqa: E402
 from diffusion_gemma.data.tokenizer import load_tokenizer  # noqa: E402
 from diffusion_gemma.evaluation import loading  # noqa: E402
+from cli_runs import run_flag_main  # noqa: E402
 from hf_reference import FULL, make_reference  # noqa: E402
 from test_tokenizer import build_hf_tokenizer  # noqa: E402
 
@@ -119,12 +119,7 @@ def test_main_batch_mode_prints_and_writes_answers(hf_dir, tmp_path, capsys):
     output = tmp_path / "answers.jsonl"
     argv = ["generate", f"--hf_dir={hf_dir}", f"--prompts_file={prompts_file}", "--chat", "--batch_size=2",
             f"--output={output}"]
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    try:
-        cli.main([argv[0]])
-    finally:
-        flags.FLAGS.unparse_flags()
+    run_flag_main(cli.main, argv)
     printed = capsys.readouterr().out
     assert printed.count("=== prompt") == 2 and printed.count("tokens per forward") == 2
     records = [json.loads(line) for line in output.read_text().splitlines()]
