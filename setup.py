@@ -32,7 +32,7 @@ setup(
         # tests need matplotlib; tests/test_colabs.py executes the notebooks with nbclient on an ipykernel.
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers==5.25.0", "torch==2.13.0", "matplotlib>=3.8",
                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
-        # experiments/sudoku/plots.py (diffusion_gemma.evaluation.plotting).
+        # experiments/sudoku/plots.py (diffusion_gemma.tasks.sudoku.plotting).
         "plots": ["matplotlib>=3.8"],
         # What the notebooks in colabs/ import besides this package (Colab preinstalls them): plots, and
         # transformers + torch to write and check checkpoints in convert_checkpoint.ipynb.

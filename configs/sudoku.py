@@ -12,7 +12,7 @@ Variants:
   rotary, `RopeConfig.first_period(9, ...)`) trained from scratch on CPU in the compact character format
   (prompt = `<bos>` + 81 cells, canvas = the 81 solution cells) on puzzles generated on the fly from the TRAIN
   side of the split rule; evaluated during training on held-out generated puzzles.
-- `gpu`: `ModelConfig.sudoku_small()` from scratch, the same data, sized for about one accelerator-hour.
+- `gpu`: the `sudoku_small` preset (diffusion_gemma/tasks/sudoku/preset.py) from scratch, the same data, sized for about one accelerator-hour.
 - `finetune`: Hackable Diffusion's `sft_sudoku` LoRA recipe for the released 26B checkpoint (rank 8 on all
   linear layers, one 256-token canvas, 2,000 steps, lr 1.5e-4 with 100 warm-up steps and cosine to 1.5e-5,
   Adam 0.95/0.99, weight decay 1e-4, clip 1.0), chat prompt format, expert parallel over 8 devices.
@@ -41,9 +41,9 @@ ALL_LINEAR = lora_targets.ALL_LINEAR_TARGETS + lora_targets.EXPERTS
 def _compact(config: ml_collections.ConfigDict, *, preset: str, overrides: dict) -> None:
     config.model = dict(preset=preset, overrides=overrides, dtype="float32", param_dtype="float32", remat="none",
                         init_hf_dir="", init_checkpoint="")
-    config.data = dict(source="sudoku", sudoku_format="compact", seq_length=163, block_size=81,
-                       global_batch_size=16, shuffle_seed=0, num_synthetic_examples=200_000, sudoku_min_givens=35,
-                       sudoku_max_givens=60)
+    config.data = dict(source="sudoku", seq_length=163, block_size=81, global_batch_size=16, shuffle_seed=0,
+                       num_synthetic_examples=200_000,
+                       options=dict(format="compact", min_givens=35, max_givens=60))
 
 
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
@@ -59,8 +59,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     config.checkpoint = dict(every_steps=200, keep=2, async_save=True)
     # Held-out easy puzzles (>= 40 givens, the "easy" bucket), greedy, confident cells first.
     config.evaluation = dict(every_steps=400, kind="sudoku", num_examples=128, batch_size=64, seed=1234,
-                             min_givens=40, max_givens=60, max_denoising_steps=64, greedy=True,
-                             acceptance="confidence", accept_confidence=0.95)
+                             max_denoising_steps=64, greedy=True, acceptance="confidence", accept_confidence=0.95,
+                             options=dict(min_givens=40, max_givens=60))
 
     if variant == "":
         config.num_steps = 800
@@ -85,7 +85,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.evaluation.every_steps = 2000
         config.evaluation.num_examples = 256
         config.evaluation.batch_size = 128
-        config.evaluation.min_givens = 20  # every difficulty bucket
+        config.evaluation.options.min_givens = 20  # every difficulty bucket
     else:  # finetune(_tiny): the released checkpoint, LoRA, chat format
         config.num_steps = 2000
         config.log_every = 10
@@ -93,9 +93,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.model = dict(preset="gemma4_26b_a4b", overrides={"moe_impl": "expert_parallel"}, dtype="bfloat16",
                             param_dtype="bfloat16", remat="full", init_hf_dir="", init_checkpoint="")
         config.lora = dict(enabled=True, rank=8, alpha=16.0, targets=list(ALL_LINEAR))
-        config.data = dict(source="sudoku", sudoku_format="chat", tokenizer="", seq_length=512, block_size=256,
-                           global_batch_size=8, shuffle_seed=0, num_synthetic_examples=16_000, sudoku_min_givens=20,
-                           sudoku_max_givens=60)
+        config.data = dict(source="sudoku", tokenizer="", seq_length=512, block_size=256, global_batch_size=8,
+                           shuffle_seed=0, num_synthetic_examples=16_000,
+                           options=dict(format="chat", min_givens=20, max_givens=60))
         config.optimizer = dict(learning_rate=1.5e-4, end_learning_rate=1.5e-5, warmup_steps=100, b1=0.95, b2=0.99,
                                 eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
         config.mesh = dict(data=1, expert=-1)
@@ -103,7 +103,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         config.evaluation.every_steps = 500
         config.evaluation.batch_size = 8
         config.evaluation.num_examples = 64
-        config.evaluation.min_givens = 20  # every difficulty bucket
+        config.evaluation.options.min_givens = 20  # every difficulty bucket
         if variant == "finetune_tiny":
             _tiny_finetune(config)
     return ml_collections.ConfigDict(config)
@@ -114,8 +114,8 @@ def _tiny_finetune(config: ml_collections.ConfigDict) -> None:
     config.num_steps = 4
     config.log_every = 1
     config.model.update(dtype="float32", param_dtype="float32", remat="none")
-    config.data.update(seq_length=448, block_size=96, num_synthetic_examples=64, sudoku_min_givens=30,
-                       sudoku_max_givens=50)
+    config.data.update(seq_length=448, block_size=96, num_synthetic_examples=64)
+    config.data.options.update(min_givens=30, max_givens=50)
     config.optimizer.update(learning_rate=1e-2, end_learning_rate=1e-3, warmup_steps=1)
     config.checkpoint.update(every_steps=2, keep=2, async_save=False)
     config.evaluation.update(every_steps=4, num_examples=4, batch_size=4, max_denoising_steps=4)

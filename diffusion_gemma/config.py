@@ -13,6 +13,8 @@ import math
 import os
 from typing import Any, Mapping
 
+from diffusion_gemma import registry
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 LAYER_TYPES = (SLIDING, FULL)
@@ -71,7 +73,7 @@ class RopeConfig:
     @classmethod
     def first_period(cls, period: float, head_dim: int) -> "RopeConfig":
         """Full rotary whose fastest rotated pair after the first turns once every `period` positions (theta =
-        (period / 2pi) ** (head_dim / 2)). On a grid flattened row by row (Sudoku: period 9) the attention
+        (period / 2pi) ** (head_dim / 2)). On a grid flattened row by row (period = the row length) the attention
         logits can then single out same-column cells directly instead of learning it from 10,000-base angles."""
         return cls(rope_type="default", theta=float((period / (2 * math.pi)) ** (head_dim / 2)))
 
@@ -269,22 +271,6 @@ class ModelConfig:
         kwargs = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_layers=7, num_heads=4, head_dim=16,
                       num_kv_heads=2, global_head_dim=32, num_global_kv_heads=1, sliding_window=8, num_experts=8,
                       top_k=2, moe_intermediate_size=32, canvas_length=16, max_position_embeddings=4096)
-        kwargs.update(overrides)
-        return cls.build(**kwargs)
-
-    @classmethod
-    def sudoku_small(cls, **overrides) -> "ModelConfig":
-        """The released architecture (shared stack, 5:1 sliding/full pattern, top-k MoE, self-conditioning)
-        sized for Sudoku from scratch in about one accelerator-hour: 12 layers, width 192, 8 experts top-2,
-        ~11M parameters (a 44 MB fp32 checkpoint). The compact format's vocabulary (16) and one 81-cell canvas;
-        the window covers the whole 163-token sequence, since constraints link distant cells. Full layers rotate
-        every dim starting at a 9-position period (`RopeConfig.first_period`; see experiments/sudoku/README.md
-        for the CPU A/B behind it)."""
-        kwargs = dict(vocab_size=16, hidden_size=192, intermediate_size=384, num_layers=12, num_heads=6,
-                      head_dim=32, num_kv_heads=2, global_head_dim=64, num_global_kv_heads=1, sliding_window=256,
-                      num_experts=8, top_k=2, moe_intermediate_size=128, canvas_length=81,
-                      max_position_embeddings=512, eos_token_id=(1,), pad_token_id=0, bos_token_id=2,
-                      rope_global=RopeConfig.first_period(9, 64))
         kwargs.update(overrides)
         return cls.build(**kwargs)
 
@@ -507,6 +493,10 @@ class ModelConfig:
         if isinstance(data.get("eos_token_id"), list):
             data["eos_token_id"] = tuple(data["eos_token_id"])
         return cls(**data)
+
+
+registry.MODEL_PRESETS.register("tiny", ModelConfig.tiny)
+registry.MODEL_PRESETS.register("gemma4_26b_a4b", ModelConfig.gemma4_26b_a4b)
 
 
 def _implicit_per_layer(config: ModelConfig, original: Mapping[str, Any]) -> bool:

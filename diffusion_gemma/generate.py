@@ -26,7 +26,7 @@ from absl import flags, logging
 from diffusion_gemma import cli
 from diffusion_gemma.data.tokenizer import (Tokenizer, TokenizerError, chat_prompt_ids, load_tokenizer,
                                             vocabulary_task)
-from diffusion_gemma.diffusion import sampler as sampler_lib
+from diffusion_gemma.sampling import sampler as sampler_lib
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "HuggingFace DiffusionGemma directory (config.json + safetensors).")
@@ -152,11 +152,12 @@ def main(argv):
         prompts = [_PROMPT.value] if _PROMPT.value is not None else read_prompts(_PROMPTS_FILE.value)
     except (OSError, ValueError) as err:
         raise cli.UserError(cli.message_of(err)) from err
-    from diffusion_gemma.evaluation import loading, outputs
+    from diffusion_gemma.checkpoints import loading
+    from diffusion_gemma import atomic_write
 
     if _OUTPUT.value:
         try:  # before any work: an existing answers file is a user's, kept unless --overwrite
-            outputs.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)
+            atomic_write.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)
         except OSError as err:
             raise cli.UserError(str(err)) from None
 
@@ -187,7 +188,7 @@ def main(argv):
               f"{answer.denoising_steps} denoising steps, {answer.seconds:.2f} s for its batch "
               f"(the first batch includes compilation)", file=sys.stdout, flush=True)
     if _OUTPUT.value:
-        with outputs.atomic_path(_OUTPUT.value, overwrite=_OVERWRITE.value) as tmp:
+        with atomic_write.atomic_path(_OUTPUT.value, overwrite=_OVERWRITE.value) as tmp:
             with open(tmp, "w", encoding="utf-8") as f:
                 for answer in answers:
                     f.write(json.dumps(dataclasses.asdict(answer)) + "\n")

@@ -1,4 +1,4 @@
-"""`python -m diffusion_gemma.train --config=configs/sudoku.py --workdir=DIR`: fine-tune DiffusionGemma.
+"""`python -m diffusion_gemma.train --config=configs/NAME.py[:variant] --workdir=DIR`: fine-tune DiffusionGemma.
 
 A thin CLI: flags (`--config=path.py[:variant]`, `--config.a.b=value` overrides, `--workdir`, multi-host
 flags), `jax.distributed` initialisation, version/device/mesh logging, then one library call:

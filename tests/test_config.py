@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from diffusion_gemma import registry
 from diffusion_gemma.config import FULL, SLIDING, ConfigError, ModelConfig, RopeConfig
 from diffusion_gemma.model.layers import rope_inv_freq
 from diffusion_gemma.model.transformer import DiffusionGemma
@@ -79,7 +80,7 @@ def test_last_layer_is_forced_full_like_the_reference(tmp_path):
 
 @pytest.mark.parametrize("preset", ["tiny", "sudoku_small", "gemma4_26b_a4b"])
 def test_preset_exported_config_loads_in_transformers_and_reads_back_equal(tmp_path, preset):
-    config = getattr(ModelConfig, preset)()
+    config = registry.MODEL_PRESETS.get(preset)()
     hf = config.to_hf_config()
     hf["vision_config"] = TINY_VISION
     (tmp_path / "config.json").write_text(json.dumps(hf))
@@ -163,7 +164,7 @@ def test_first_period_rope_turns_once_per_sudoku_row():
         assert inv_freq.shape == (head_dim // 2,) and np.all(inv_freq > 0)
         np.testing.assert_allclose(inv_freq[:2], [1.0, 2 * np.pi / 9], rtol=1e-6)
         np.testing.assert_allclose(np.cos(inv_freq[1] * 81), 1.0, atol=1e-5)  # canvas cell -> its prompt cell
-    assert ModelConfig.sudoku_small().rope_global == RopeConfig.first_period(9, 64)
+    assert registry.MODEL_PRESETS.get("sudoku_small")().rope_global == RopeConfig.first_period(9, 64)
 
 
 def test_rope_given_as_plain_dict_becomes_rope_config_and_bad_keys_name_the_field():

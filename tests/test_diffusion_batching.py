@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_gemma.diffusion import batching, randomness
-from diffusion_gemma.diffusion.batching import SftBatch
-from diffusion_gemma.diffusion.corruption import CorruptionSettings, corrupt
-from diffusion_gemma.diffusion.objective import ObjectiveSettings, loss_counts
+from diffusion_gemma.objective import batching, randomness
+from diffusion_gemma.objective.batching import SftBatch
+from diffusion_gemma.objective.corruption import CorruptionSettings, corrupt
+from diffusion_gemma.objective.sft import ObjectiveSettings, loss_counts
 
 VOCAB, EOS, PAD = 32, 1, 0
 BLOCK, WINDOW = 4, 6

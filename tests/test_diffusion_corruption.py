@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_gemma.diffusion import randomness
-from diffusion_gemma.diffusion.corruption import ABSORBING, CorruptionSettings, corrupt
+from diffusion_gemma.objective import randomness
+from diffusion_gemma.objective.corruption import ABSORBING, CorruptionSettings, corrupt
 
 VOCAB = 64
 BATCH, LENGTH = 4096, 48

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_gemma.diffusion import losses
+from diffusion_gemma.objective import losses
 
 
 def _log_softmax(row):

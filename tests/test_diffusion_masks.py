@@ -7,7 +7,7 @@ import numpy as np
 from flax import nnx
 
 from diffusion_gemma.config import FULL, SLIDING, ModelConfig
-from diffusion_gemma.diffusion import masks
+from diffusion_gemma.model import masks
 from diffusion_gemma.model.transformer import DiffusionGemma, KVCache
 
 WINDOW = 6

@@ -15,11 +15,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from diffusion_gemma.config import ModelConfig
-from diffusion_gemma.diffusion import objective, randomness
-from diffusion_gemma.diffusion.batching import SftBatch
-from diffusion_gemma.diffusion.objective import (FULL_RESPONSE, ObjectiveSettings, denoise_canvas, freeze_router,
+from diffusion_gemma.objective import sft as objective, randomness
+from diffusion_gemma.objective.batching import SftBatch
+from diffusion_gemma.objective.sft import (FULL_RESPONSE, ObjectiveSettings, denoise_canvas, freeze_router,
                                                  loss_counts, loss_fn, micro_batch_loss_fn, prepare_canvas)
-from diffusion_gemma.diffusion.self_conditioning import sample_coins
+from diffusion_gemma.objective.self_conditioning import sample_coins
 from diffusion_gemma.model import moe as moe_module
 from diffusion_gemma.model.layers import rms_norm
 from diffusion_gemma.model.transformer import DiffusionGemma

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_gemma.diffusion import randomness
-from diffusion_gemma.diffusion.self_conditioning import sample_coins, two_pass_logits
+from diffusion_gemma.objective import randomness
+from diffusion_gemma.objective.self_conditioning import sample_coins, two_pass_logits
 
 BATCH, CANVAS, VOCAB = 4, 3, 5
 

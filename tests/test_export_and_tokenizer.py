@@ -28,10 +28,10 @@ from diffusion_gemma.checkpoints.export import INERT_VISION_CONFIG, export_hf  #
 from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError, SafetensorsDir  # noqa: E402
 from diffusion_gemma.config import ModelConfig, RopeConfig  # noqa: E402
 from diffusion_gemma.data.pipeline import DataConfig  # noqa: E402
-from diffusion_gemma.data.sudoku_format import TASK, CompactFormat  # noqa: E402
+from diffusion_gemma.tasks.sudoku.formats import TASK, CompactFormat  # noqa: E402
 from diffusion_gemma.data.tokenizer import TOKENIZER_JSON, load_tokenizer, vocabulary_task  # noqa: E402
-from diffusion_gemma.diffusion.sampler import SamplerConfig  # noqa: E402
-from diffusion_gemma.evaluation import loading  # noqa: E402
+from diffusion_gemma.sampling.sampler import SamplerConfig  # noqa: E402
+from diffusion_gemma.checkpoints import loading  # noqa: E402
 from diffusion_gemma.model.transformer import DiffusionGemma  # noqa: E402
 from diffusion_gemma.sharding import MeshConfig  # noqa: E402
 from diffusion_gemma.training import checkpointing  # noqa: E402
@@ -68,8 +68,8 @@ def sudoku_run(tmp_path_factory):
     """configs/sudoku.py's default in miniature: compact format, vocabulary 16, one 81-cell canvas, the
     row-period rotary on the full layers."""
     model = dict(SMALL, vocab_size=16, canvas_length=81, rope_global=dataclasses.asdict(RopeConfig.first_period(9, 16)))
-    data = DataConfig(source="sudoku", sudoku_format="compact", seq_length=163, block_size=81, global_batch_size=8,
-                      num_synthetic_examples=16, sudoku_min_givens=35, sudoku_max_givens=60)
+    data = DataConfig(source="sudoku", seq_length=163, block_size=81, global_batch_size=8, num_synthetic_examples=16,
+                      options=dict(format="compact", min_givens=35, max_givens=60))
     workdir = str(tmp_path_factory.mktemp("sudoku_run"))
     train(_config(model, data), workdir, progress=False, devices=jax.devices()[:1])
     return os.path.join(workdir, "checkpoints")

@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="builds the checkpoint with transform
 
 from diffusion_gemma import generate as cli  # noqa: E402
 from diffusion_gemma.data.tokenizer import load_tokenizer  # noqa: E402
-from diffusion_gemma.evaluation import loading  # noqa: E402
+from diffusion_gemma.checkpoints import loading  # noqa: E402
 from cli_runs import run_flag_main  # noqa: E402
 from hf_reference import FULL, make_reference  # noqa: E402
 from test_tokenizer import build_hf_tokenizer  # noqa: E402

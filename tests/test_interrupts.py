@@ -19,7 +19,7 @@ from test_sudoku_eval import TINY_SUDOKU, load_sudoku_config
 from test_training import TINY_MODEL, tiny_config, uninterrupted  # noqa: F401  (the fixture: 8 uninterrupted steps)
 from diffusion_gemma import distributed
 from diffusion_gemma.config import ModelConfig
-from diffusion_gemma.diffusion.sampler import SamplerConfig, generate
+from diffusion_gemma.sampling.sampler import SamplerConfig, generate
 from diffusion_gemma.model.transformer import DiffusionGemma
 from diffusion_gemma.training import evaluation
 from diffusion_gemma.training.config import CheckpointSection, TrainConfigError, from_config_dict

@@ -523,7 +523,8 @@ def test_rope_tables_sudoku_small_match_reference(tmp_path):
     """The Sudoku preset's full layers (default rope, every dim rotated, theta = (9 / 2pi) ** 32) once its
     config.json goes through transformers."""
     import transformers
-    config = ModelConfig.sudoku_small()
+    from diffusion_gemma.tasks.sudoku.preset import sudoku_small
+    config = sudoku_small()
     hf = config.to_hf_config()
     hf["vision_config"] = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8)

@@ -31,8 +31,8 @@ pytest.importorskip("transformers", reason="reference-parity dependency (pip ins
 from transformers.models.diffusion_gemma import generation_diffusion_gemma as hf_generation  # noqa: E402
 
 from diffusion_gemma.checkpoints.hf import load_hf  # noqa: E402
-from diffusion_gemma.diffusion import sampler as sampler_lib  # noqa: E402
-from diffusion_gemma.diffusion.sampler import NoiseTape, SamplerConfig, generate, left_pad  # noqa: E402
+from diffusion_gemma.sampling import sampler as sampler_lib  # noqa: E402
+from diffusion_gemma.sampling.sampler import NoiseTape, SamplerConfig, generate, left_pad  # noqa: E402
 from hf_reference import FULL, SLIDING, make_reference  # noqa: E402
 
 CANVAS = 8

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffusion_gemma.diffusion import sampling_steps as steps
+from diffusion_gemma.sampling import steps
 
 torch = pytest.importorskip("torch", reason="reference-parity dependency (pip install -e .[dev])")
 gen = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffusion_gemma")

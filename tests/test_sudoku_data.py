@@ -1,4 +1,4 @@
-"""Tests for diffusion_gemma.data.sudoku: solver, generator, grading, validation, parsing, splits."""
+"""Tests for diffusion_gemma.tasks.sudoku.puzzles: solver, generator, grading, validation, parsing, splits."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion_gemma.data import sudoku as S
+from diffusion_gemma.tasks.sudoku import puzzles as S
 
 # The public sets kept beside the checkout (as in CI); a user gets them with experiments/sudoku/download_sets.py.
 BENCH_DIR = Path(os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "benchmarks",

@@ -17,16 +17,18 @@ import pytest
 from flax import nnx
 
 from diffusion_gemma.checkpoints import orbax_io
+from diffusion_gemma.data.pipeline import DataConfig
 from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
 from diffusion_gemma.config import ModelConfig
-from diffusion_gemma.data import sudoku
-from diffusion_gemma.data.sudoku_format import (SYSTEM_PROMPT, ChatFormat, CompactFormat, check_vocabulary,
+from diffusion_gemma.tasks.sudoku import puzzles as sudoku
+from diffusion_gemma.tasks.sudoku.formats import (SYSTEM_PROMPT, ChatFormat, CompactFormat, check_vocabulary,
                                                 default_format_name)
 from diffusion_gemma.data.tokenizer import load_tokenizer
-from diffusion_gemma.diffusion import autoregressive
-from diffusion_gemma.diffusion.sampler import left_pad
-from diffusion_gemma.evaluation import outputs, puzzle_sets
-from diffusion_gemma.evaluation import sudoku as sudoku_eval
+from diffusion_gemma.sampling import autoregressive
+from diffusion_gemma.sampling.sampler import left_pad
+from diffusion_gemma import atomic_write
+from diffusion_gemma.tasks.sudoku import puzzle_sets
+from diffusion_gemma.tasks.sudoku import evaluation as sudoku_eval
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,12 +270,12 @@ def test_rule_breaking_givens_are_named_by_unit(cells, expected):
 
 def test_json_output_is_atomic_and_never_replaced_silently(tmp_path):
     path = str(tmp_path / "out.json")
-    outputs.write_json(path, {"rate": float("nan"), "n": np.int64(3), "by": {25: 1.0}}, overwrite=False)
+    atomic_write.write_json(path, {"rate": float("nan"), "n": np.int64(3), "by": {25: 1.0}}, overwrite=False)
     assert json.load(open(path)) == {"rate": None, "n": 3, "by": {"25": 1.0}}
     with pytest.raises(FileExistsError, match="pass --overwrite"):
-        outputs.write_json(path, {}, overwrite=False)
+        atomic_write.write_json(path, {}, overwrite=False)
     with pytest.raises(RuntimeError):
-        with outputs.atomic_path(path, overwrite=True) as tmp:
+        with atomic_write.atomic_path(path, overwrite=True) as tmp:
             open(tmp, "w").write("partial")
             raise RuntimeError("crash while writing")
     assert json.load(open(path))["n"] == 3 and os.listdir(tmp_path) == ["out.json"]
@@ -500,10 +502,10 @@ def test_evaluate_defaults_are_the_training_evaluation():
     config = evaluation.EvaluationConfig(**load_sudoku_config("").evaluation)
     fmt = CompactFormat()
     assert (sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides())
-            == sudoku_eval.sampler_config(fmt, 81, **evaluation._sampler_settings(config)))
+            == sudoku_eval.sampler_config(fmt, 81, **evaluation.sampler_settings(config)))
     flags = evaluate.FLAGS
     assert (flags.seed, flags.puzzle_seed, flags.batch_size, flags.max_givens) == (
-        config.seed, config.seed, config.batch_size, config.max_givens)
+        config.seed, config.seed, config.batch_size, config.options["max_givens"])
 
 
 @pytest.mark.slow
@@ -532,10 +534,10 @@ def test_periodic_evaluation_passes_its_sampler_settings(monkeypatch, tmp_path):
         return sudoku_eval.Answers(boards, np.full(len(boards), 5), np.full(len(boards), 16.2, np.float32))
 
     monkeypatch.setattr(sudoku_eval, "solve_diffusion", fake_solve)
-    config = evaluation.EvaluationConfig(every_steps=1, num_examples=3, min_givens=40, max_givens=45,
-                                         max_denoising_steps=7, greedy=True, acceptance="confidence",
+    config = evaluation.EvaluationConfig(every_steps=1, kind="sudoku", num_examples=3,
+                                         options=dict(min_givens=40, max_givens=45), max_denoising_steps=7, greedy=True, acceptance="confidence",
                                          accept_confidence=0.8)
-    evaluate = evaluation.make_evaluator(config, types.SimpleNamespace(sudoku_format="compact"), None,
+    evaluate = evaluation.make_evaluator(config, DataConfig(source="sudoku"), None,
                                          str(tmp_path))
     values = evaluate(types.SimpleNamespace(config=types.SimpleNamespace(canvas_length=81)), 1)
     sampler = seen["sampler"]

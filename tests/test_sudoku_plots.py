@@ -9,11 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from diffusion_gemma.data import sudoku
-from diffusion_gemma.data.sudoku_format import ChatFormat, CompactFormat
+from diffusion_gemma.tasks.sudoku import puzzles as sudoku
+from diffusion_gemma.tasks.sudoku.formats import ChatFormat, CompactFormat
 from diffusion_gemma.data.tokenizer import load_tokenizer
-from diffusion_gemma.diffusion.sampler import StepEvent
-from diffusion_gemma.evaluation import plot_data
+from diffusion_gemma.sampling.sampler import StepEvent
+from diffusion_gemma.tasks.sudoku import plot_data
 from test_sudoku_eval import TINY_TOKENIZER, load_script
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -113,7 +113,7 @@ def test_sweep_and_givens_plots_from_evaluation_documents(tmp_path, capsys):
 
 def test_denoising_figure_draws_one_panel_per_frame(pair, tmp_path):
     pytest.importorskip("matplotlib", reason="the plots need the optional 'plots' extra (matplotlib)")
-    from diffusion_gemma.evaluation import plotting
+    from diffusion_gemma.tasks.sudoku import plotting
 
     puzzle, solution = pair
     wrong = solution.copy()

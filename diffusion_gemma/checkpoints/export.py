@@ -34,7 +34,7 @@ from diffusion_gemma.checkpoints.safetensors_dir import (CheckpointError, Safete
                                                          TensorEntry, entry, parse_size, plan_shards,
                                                          shard_file_names, write_index)
 from diffusion_gemma.config import DTYPES, ModelConfig
-from diffusion_gemma.diffusion.sampler import GENERATION_CONFIG_FILE, SamplerConfig
+from diffusion_gemma.sampling.sampler import GENERATION_CONFIG_FILE, SamplerConfig
 
 CONFIG_FILE = "config.json"
 # transformers gives every DiffusionGemma a vision tower (its config has no text-only form), so a model trained

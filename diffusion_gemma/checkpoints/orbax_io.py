@@ -23,8 +23,8 @@ Layout of a checkpoint directory CKPT (written by `import_hf`, `save_model` and 
                                     writes each tensor back in the dtype it came in
       tokenizer/               only in a training run's root: the tokenizer its data was encoded with, written when
                                the run starts (tokenizer.json or tokenizer.model, tokenizer_config.json, chat
-                               template). A vocabulary that belongs to a task rather than to text (the Sudoku
-                               compact ids) says so in tokenizer_config.json (`data.tokenizer.TASK_KEY`).
+                               template). A vocabulary that belongs to a task rather than to text (a
+                               task's compact ids) says so in tokenizer_config.json (`data.tokenizer.TASK_KEY`).
 
 A trainer's CheckpointManager root (numeric step directories, each holding `params/`) is accepted wherever a
 checkpoint is read: the latest step is used, and model_config.json, lora.json, hf/ and tokenizer/ are looked up in

@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Protocol
+from typing import Any, Mapping, Protocol
 
 import grain
 import numpy as np
 
+from diffusion_gemma import registry
 from diffusion_gemma.data import chat
 from diffusion_gemma.data.chat import SftExample
-
-SOURCES = ("synthetic", "chat_jsonl", "sudoku")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """`source`: synthetic (a learnable copy task, for smoke runs), chat_jsonl (OpenAI messages, needs `path`
-    and `tokenizer`), or sudoku. `seq_length` is the fixed row length (prompt + block-filled response)."""
+    """`source`: a registered data source (`diffusion_gemma.registry.DATA_SOURCES`): synthetic (a learnable copy
+    task, for smoke runs), chat_jsonl (OpenAI messages, needs `path` and `tokenizer`), or a task's. `options`
+    are the source's own settings, checked by it. `seq_length` is the fixed row length (prompt + block-filled
+    response); `num_synthetic_examples` the size of a generated source."""
 
     source: str = "synthetic"
     path: str | None = None
@@ -34,17 +35,12 @@ class DataConfig:
     shuffle_seed: int = 0
     num_synthetic_examples: int = 4096
     synthetic_vocab_size: int = 64
-    sudoku_min_givens: int = 30
-    sudoku_max_givens: int = 50
-    sudoku_format: str = "compact"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        if self.source not in SOURCES:
-            raise ValueError(f"data.source = {self.source!r}; expected one of {SOURCES}")
+        registry.DATA_SOURCES.get(self.source, where="data.source").check(dict(self.options), where="data.options")
         if self.source == "chat_jsonl" and (not self.path or not self.tokenizer):
             raise ValueError("data.source = 'chat_jsonl' needs data.path and data.tokenizer")
-        if self.sudoku_format not in ("compact", "chat"):
-            raise ValueError(f"data.sudoku_format = {self.sudoku_format!r}; expected 'compact' or 'chat'")
         for name in ("seq_length", "block_size", "global_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
@@ -96,46 +92,6 @@ class SyntheticSource:
                                  block_size=self.block_size)
 
 
-class SudokuSource:
-    """Sudoku puzzles generated on the fly in a `SudokuFormat` (compact ids for from-scratch models, or the
-    released model's chat prompt). Example i is generated from seed [seed, i] on the TRAIN side of the split
-    rule, so training never sees an evaluation solution grid."""
-
-    def __init__(self, *, num_examples: int, seed: int, min_givens: int, max_givens: int, seq_length: int,
-                 block_size: int, sudoku_format=None):
-        from diffusion_gemma.data.sudoku_format import CompactFormat
-
-        self.format = sudoku_format or CompactFormat()
-        self.num_examples, self.seed = num_examples, seed
-        self.min_givens, self.max_givens = min_givens, max_givens
-        self.seq_length, self.block_size = seq_length, block_size
-        empty = np.zeros((9, 9), np.int64)
-        answer_length = len(self.format.answer_ids(empty + 1))
-        needed = len(self.format.prompt_ids(empty)) + -(-answer_length // block_size) * block_size
-        if seq_length < needed:
-            raise ValueError(f"data.seq_length = {seq_length} cannot hold a Sudoku prompt and its block-filled "
-                             f"answer ({needed} tokens)")
-
-    def __len__(self) -> int:
-        return self.num_examples
-
-    def puzzle(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        from diffusion_gemma.data import sudoku
-
-        rng = np.random.default_rng([self.seed, index])
-        givens = int(rng.integers(self.min_givens, self.max_givens + 1))
-        while True:
-            puzzle, solution = sudoku.generate_puzzle(rng, givens)
-            if sudoku.solution_split(solution) == "train":
-                return puzzle, solution
-
-    def __getitem__(self, index: int) -> SftExample:
-        puzzle, solution = self.puzzle(index)
-        return chat.pack_example(self.format.prompt_ids(puzzle), self.format.answer_ids(solution),
-                                 eos_id=self.format.eos_id, pad_id=self.format.pad_id, seq_length=self.seq_length,
-                                 block_size=self.block_size)
-
-
 def _as_features(index: int, example: SftExample) -> dict[str, np.ndarray]:
     return {"input_ids": example.tokens, "attention_mask": example.attention, "supervised_mask": example.supervised,
             "response_start": np.int32(example.response_start), "example_index": np.int32(index)}
@@ -163,19 +119,24 @@ def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
 
 
 def make_source(config: DataConfig, tokenizer: chat.TextTokenizer | None = None) -> ExampleSource:
-    if config.source == "synthetic":
-        return SyntheticSource(num_examples=config.num_synthetic_examples, vocab_size=config.synthetic_vocab_size,
-                               seq_length=config.seq_length, block_size=config.block_size, seed=config.shuffle_seed)
-    if config.source == "chat_jsonl":
-        if tokenizer is None:
-            raise ValueError("data.source = 'chat_jsonl' needs a tokenizer")
-        return ChatJsonlSource(config.path, tokenizer, seq_length=config.seq_length, block_size=config.block_size)
-    from diffusion_gemma.data.sudoku_format import make_format
+    """The registered source named by `data.source`, built from the config (and the run's tokenizer)."""
+    return registry.DATA_SOURCES.get(config.source, where="data.source").build(config, tokenizer)
 
-    return SudokuSource(num_examples=config.num_synthetic_examples, seed=config.shuffle_seed,
-                        min_givens=config.sudoku_min_givens, max_givens=config.sudoku_max_givens,
-                        seq_length=config.seq_length, block_size=config.block_size,
-                        sudoku_format=make_format(config.sudoku_format, tokenizer))
+
+def _synthetic(config: DataConfig, tokenizer) -> SyntheticSource:
+    return SyntheticSource(num_examples=config.num_synthetic_examples, vocab_size=config.synthetic_vocab_size,
+                           seq_length=config.seq_length, block_size=config.block_size, seed=config.shuffle_seed)
+
+
+def _chat_jsonl(config: DataConfig, tokenizer) -> ChatJsonlSource:
+    if tokenizer is None:
+        raise ValueError("data.source = 'chat_jsonl' needs a tokenizer")
+    return ChatJsonlSource(config.path, tokenizer, seq_length=config.seq_length, block_size=config.block_size)
+
+
+registry.DATA_SOURCES.register("synthetic", registry.DataSource(build=_synthetic))
+registry.DATA_SOURCES.register("chat_jsonl", registry.DataSource(build=_chat_jsonl,
+                                                                 renders_text=lambda config: True))
 
 
 def iterator_state_json(iterator) -> str:

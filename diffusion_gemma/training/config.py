@@ -8,6 +8,7 @@ import types
 import typing
 from typing import Any, Mapping
 
+from diffusion_gemma import registry
 from diffusion_gemma.config import REMAT_POLICIES
 from diffusion_gemma.data.pipeline import DataConfig
 from diffusion_gemma.sharding import MeshConfig
@@ -21,7 +22,8 @@ class TrainConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    """`preset` names a ModelConfig classmethod; `overrides` replaces its fields. `init_hf_dir` starts from a
+    """`preset` names a registered model preset (`diffusion_gemma.registry.MODEL_PRESETS`: tiny,
+    gemma4_26b_a4b, and the tasks' own); `overrides` replaces its fields. `init_hf_dir` starts from a
     HuggingFace checkpoint directory, `init_checkpoint` from one of our Orbax checkpoints."""
 
     preset: str = "tiny"
@@ -37,6 +39,11 @@ class ModelSection:
             raise TrainConfigError(f"model.remat = {self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.init_hf_dir and self.init_checkpoint:
             raise TrainConfigError("set at most one of model.init_hf_dir and model.init_checkpoint")
+        if not (self.init_hf_dir or self.init_checkpoint):
+            try:
+                registry.MODEL_PRESETS.get(self.preset, where="model.preset")
+            except registry.RegistryError as err:
+                raise TrainConfigError(str(err)) from None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

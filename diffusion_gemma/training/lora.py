@@ -27,7 +27,7 @@ SELF_CONDITIONING_TARGETS = {"self_conditioning.gate_proj": (0, 1), "self_condit
 ATTENTION = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj")
 DENSE_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 EXPERTS = ("moe.gate_up_proj", "moe.down_proj")
-# The NeMo reference recipe (docs/TRAINING.md §7) and Google's Sudoku recipe ("all linear" except the experts).
+# The NeMo reference recipe (docs/TRAINING.md §7) and the "all linear" recipe (everything but the experts).
 REFERENCE_TARGETS = ATTENTION + DENSE_MLP
 ALL_LINEAR_TARGETS = ATTENTION + DENSE_MLP + ("moe.router_proj",) + tuple(SELF_CONDITIONING_TARGETS)
 

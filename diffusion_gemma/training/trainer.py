@@ -26,17 +26,17 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from diffusion_gemma import distributed, sharding
+from diffusion_gemma import distributed, registry, sharding
 from diffusion_gemma.checkpoints import orbax_io
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.data import pipeline
-from diffusion_gemma.diffusion import losses, objective
-from diffusion_gemma.diffusion.batching import SftBatch
-from diffusion_gemma.diffusion.corruption import CorruptionSettings
+from diffusion_gemma.objective import losses, sft
+from diffusion_gemma.objective.batching import SftBatch
+from diffusion_gemma.objective.corruption import CorruptionSettings
 from diffusion_gemma.model.transformer import DiffusionGemma
 from diffusion_gemma.training import checkpointing, evaluation, lora as lora_lib, metrics as metrics_lib
 from diffusion_gemma.training import optimizer as opt_lib
-from diffusion_gemma.training.config import CheckpointSection, TrainConfig, TrainConfigError
+from diffusion_gemma.training.config import CheckpointSection, TrainConfig
 
 
 class TrainingError(RuntimeError):
@@ -66,11 +66,7 @@ def model_config_for(config: TrainConfig) -> ModelConfig:
     if section.init_checkpoint:
         stored = orbax_io.read_model_config(orbax_io.locate(section.init_checkpoint))
         return stored.replace(**overrides)
-    preset = getattr(ModelConfig, section.preset, None)
-    if not callable(preset) or section.preset.startswith("_") or section.preset in ("build", "from_hf_config",
-                                                                                  "from_hf_dir", "from_json"):
-        raise TrainConfigError(f"model.preset = {section.preset!r} is not a ModelConfig preset")
-    return preset(**overrides)
+    return registry.MODEL_PRESETS.get(section.preset, where="model.preset")(**overrides)
 
 
 def build_model(config: TrainConfig, model_config: ModelConfig, mesh) -> DiffusionGemma:
@@ -100,9 +96,9 @@ def _config_overrides(model_config: ModelConfig) -> dict:
             if field.name not in ("dtype", "param_dtype")}
 
 
-def objective_settings(config: TrainConfig) -> objective.ObjectiveSettings:
+def objective_settings(config: TrainConfig) -> sft.ObjectiveSettings:
     section = config.objective
-    return objective.ObjectiveSettings(block_size=config.data.block_size,
+    return sft.ObjectiveSettings(block_size=config.data.block_size,
                                        corruption=CorruptionSettings(eps=section.noise_eps),
                                        self_conditioning_probability=section.self_conditioning_probability,
                                        ar_weight=section.ar_weight, ar_per_example=section.ar_per_example,
@@ -111,7 +107,7 @@ def objective_settings(config: TrainConfig) -> objective.ObjectiveSettings:
 
 # ------------------------------------------------------------------------------------------------ the step
 def make_train_step(graphdef, trainable_template, rest_template, tx: optax.GradientTransformation,
-                    settings: objective.ObjectiveSettings, grad_accum_steps: int,
+                    settings: sft.ObjectiveSettings, grad_accum_steps: int,
                     schedule: Callable) -> Callable:
     """(trainable, rest, opt_state, batch, rng, step) -> (trainable, opt_state, metrics). Trees are plain
     nested dicts; `batch` is a dict of [B, ...] arrays. Micro-batches share the GLOBAL token counts, so the
@@ -120,13 +116,13 @@ def make_train_step(graphdef, trainable_template, rest_template, tx: optax.Gradi
     def micro_loss(trainable, rest, micro: SftBatch, rng, counts):
         params = checkpointing.tree_to_state(trainable_template, trainable)
         frozen = checkpointing.tree_to_state(rest_template, rest)
-        return objective.micro_batch_loss_fn(graphdef, params, micro, rng, settings, counts, frozen)
+        return sft.micro_batch_loss_fn(graphdef, params, micro, rng, settings, counts, frozen)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
     def step_fn(trainable, rest, opt_state, batch, rng, step):
         full = SftBatch(**batch)
-        counts = objective.loss_counts(full, rng, settings)
+        counts = sft.loss_counts(full, rng, settings)
         micro_batches = jax.tree.map(
             lambda x: x.reshape(grad_accum_steps, x.shape[0] // grad_accum_steps, *x.shape[1:]), full)
 
@@ -168,17 +164,17 @@ def _check_workdir(workdir: str) -> None:
 
 
 def _tokenizer_for(config: TrainConfig):
-    """The run's tokenizer, which its checkpoints carry: the Sudoku compact vocabulary's for that format, else
-    data.tokenizer, else the initial weights' own (HF directory or checkpoint) when the data renders chat text;
-    None for data without text (synthetic)."""
-    from diffusion_gemma.data.sudoku_format import CompactFormat
+    """The run's tokenizer, which its checkpoints carry: the one the data source's own vocabulary defines, else
+    data.tokenizer, else the initial weights' own (HF directory or checkpoint) when the data renders text; None
+    for data without text (synthetic)."""
     from diffusion_gemma.data.tokenizer import load_tokenizer
 
-    if config.data.source == "sudoku" and config.data.sudoku_format == "compact":
-        return CompactFormat.tokenizer()
+    source = registry.DATA_SOURCES.get(config.data.source, where="data.source")
+    own = source.own_tokenizer(config.data)
+    if own is not None:
+        return own
     path = config.data.tokenizer
-    needs = config.data.source == "chat_jsonl" or config.data.source == "sudoku"
-    if not path and needs:
+    if not path and source.renders_text(config.data):
         if config.model.init_hf_dir:
             path = config.model.init_hf_dir
         elif config.model.init_checkpoint:

@@ -84,8 +84,8 @@ def build_train_step(config, *, lora: bool, canvas: int, abstract: bool = False,
     from flax import nnx
 
     from diffusion_gemma import sharding
-    from diffusion_gemma.diffusion import objective
-    from diffusion_gemma.diffusion.corruption import CorruptionSettings
+    from diffusion_gemma.objective import sft as objective
+    from diffusion_gemma.objective.corruption import CorruptionSettings
     from diffusion_gemma.model.transformer import DiffusionGemma
     from diffusion_gemma.training import checkpointing, lora as lora_lib, optimizer as opt_lib, trainer
 

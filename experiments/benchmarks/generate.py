@@ -66,7 +66,7 @@ def bench_ours(hf_dir: str, prompts: np.ndarray, max_new_tokens: int, steps: int
     from flax import nnx
 
     from diffusion_gemma.checkpoints.hf import load_hf
-    from diffusion_gemma.diffusion.sampler import SamplerConfig, generate
+    from diffusion_gemma.sampling.sampler import SamplerConfig, generate
 
     jax.config.update("jax_default_matmul_precision", "highest")  # torch's fp32 matmuls are full precision too
     model = load_hf(hf_dir, dtype=dtype)

@@ -14,7 +14,7 @@ Per batch size (default 1, 4, 8; canvas 256, one block of 256 new tokens after a
   expert of every layer is read) / peak bandwidth; reported as floor / measured forward time. Peak bandwidth:
   `--bandwidth`, else H100 3.35 TB/s / H200 4.8 TB/s / A100 2.04 TB/s by device name, else (CPU) a measured
   single-thread streaming read.
-- generate: ours `diffusion_gemma.diffusion.sampler.generate` (jitted) vs `DiffusionGemmaForBlockDiffusion.
+- generate: ours `diffusion_gemma.sampling.sampler.generate` (jitted) vs `DiffusionGemmaForBlockDiffusion.
   generate`, reference defaults except `max_denoising_steps` and no EOS ids (a random model is never confident,
   so every row runs every step on both sides; the script checks the counts agree): ms per denoising step (wall /
   steps, prompt and block encodes amortised in) and generated tokens/s.
@@ -94,7 +94,7 @@ def jax_worker(args) -> dict:
     from flax import nnx
 
     from diffusion_gemma import sharding
-    from diffusion_gemma.diffusion.sampler import SamplerConfig, generate
+    from diffusion_gemma.sampling.sampler import SamplerConfig, generate
     from diffusion_gemma.model.transformer import DiffusionGemma
 
     common.select_grouped_matmul(args.grouped_matmul)

@@ -95,7 +95,7 @@ def check(name: str, file_name: str, data: bytes, expected: str, url: str) -> No
 def from_upstream(raw: bytes) -> tuple[bytes, bytes]:
     """A publisher's list (one 81-cell puzzle per line, '0' or '.' blanks, any line endings, blank lines between)
     as (puzzles, solutions) file contents in our format; the solutions from the project's solver."""
-    from diffusion_gemma.data import sudoku
+    from diffusion_gemma.tasks.sudoku import puzzles as sudoku
 
     puzzles = [sudoku.parse_grid(line, source=f"line {number}")
                for number, line in enumerate(raw.decode("ascii").splitlines(), 1) if line.strip()]

@@ -44,7 +44,7 @@ from absl import flags  # noqa: E402
 
 from diffusion_gemma import cli  # noqa: E402
 from diffusion_gemma.cli import UsageError  # noqa: E402
-from diffusion_gemma.diffusion.sampler import ACCEPTANCE_RULES  # noqa: E402
+from diffusion_gemma.sampling.sampler import ACCEPTANCE_RULES  # noqa: E402
 
 FLAGS = flags.FlagValues()  # this script's own flags: importing it next to another CLI cannot clash
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Our Orbax checkpoint, or a training workdir's checkpoints/ "
@@ -120,11 +120,13 @@ def sampler_overrides() -> dict:
 def run(argv: list[str]) -> dict:
     """Parse `argv`, evaluate, print the tables, write --output; returns the JSON document."""
     parse(argv)
-    from diffusion_gemma.evaluation import loading, outputs, puzzle_sets, runner
-    from diffusion_gemma.evaluation import sudoku as sudoku_eval
+    from diffusion_gemma.checkpoints import loading
+    from diffusion_gemma import atomic_write
+    from diffusion_gemma.tasks.sudoku import puzzle_sets, runner
+    from diffusion_gemma.tasks.sudoku import evaluation as sudoku_eval
 
     if _OUTPUT.value:
-        outputs.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)  # before any work
+        atomic_write.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)  # before any work
     solutions = _SOLUTIONS.value or [None] * len(_PUZZLES.value)
     try:
         sets = [puzzle_sets.load_set(p, s, limit=_LIMIT.value, allow_invalid=_ALLOW_INVALID.value)
@@ -155,7 +157,7 @@ def run(argv: list[str]) -> dict:
             print(f"{puzzle_set.name}: {len(puzzle_set.invalid)} invalid puzzle(s) scored (--allow_invalid), "
                   f"the first: {puzzle_set.invalid[0].problem}")
     if _OUTPUT.value:
-        outputs.write_json(_OUTPUT.value, doc, overwrite=_OVERWRITE.value)
+        atomic_write.write_json(_OUTPUT.value, doc, overwrite=_OVERWRITE.value)
         print(f"wrote {_OUTPUT.value}")
     return doc
 

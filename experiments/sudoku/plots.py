@@ -76,7 +76,8 @@ def _require(command: str, *names: str) -> None:
 
 
 def _model():
-    from diffusion_gemma.evaluation import loading, runner
+    from diffusion_gemma.checkpoints import loading
+    from diffusion_gemma.tasks.sudoku import runner
 
     if (_CHECKPOINT.value is None) == (_HF_DIR.value is None):
         raise UsageError("give exactly one of --checkpoint and --hf_dir")
@@ -106,8 +107,9 @@ def _ints(values: list[str], name: str) -> list[int]:
 
 def run_sweep() -> list[dict]:
     """Evaluate every (steps, entropy bound, early stop) on one puzzle set (+ the AR baseline): documents."""
-    from diffusion_gemma.evaluation import outputs, puzzle_sets, runner
-    from diffusion_gemma.evaluation import sudoku as sudoku_eval
+    from diffusion_gemma import atomic_write
+    from diffusion_gemma.tasks.sudoku import puzzle_sets, runner
+    from diffusion_gemma.tasks.sudoku import evaluation as sudoku_eval
 
     steps = _ints(_STEPS.value, "steps")
     try:
@@ -138,15 +140,15 @@ def run_sweep() -> list[dict]:
             tag = ("ar" if overrides is None else
                    f"steps{overrides['max_denoising_steps']}_bound{overrides['entropy_bound']:g}_"
                    f"{'early' if overrides['early_stop'] else 'fixed'}")
-            outputs.write_json(os.path.join(_SAVE_RESULTS.value, f"{tag}.json"), doc, overwrite=_OVERWRITE.value)
+            atomic_write.write_json(os.path.join(_SAVE_RESULTS.value, f"{tag}.json"), doc, overwrite=_OVERWRITE.value)
         docs.append(doc)
     return docs
 
 
 def denoise_figure():
-    from diffusion_gemma.data import sudoku
-    from diffusion_gemma.evaluation import plot_data, plotting, puzzle_sets
-    from diffusion_gemma.evaluation import sudoku as sudoku_eval
+    from diffusion_gemma.tasks.sudoku import puzzles as sudoku
+    from diffusion_gemma.tasks.sudoku import plot_data, plotting, puzzle_sets
+    from diffusion_gemma.tasks.sudoku import evaluation as sudoku_eval
 
     if _INDEX.value < 0:
         raise UsageError("--index must be >= 0")
@@ -178,9 +180,10 @@ def run(argv: list[str]) -> str:
     command = rest[1]
     if not _OUTPUT.value:
         raise UsageError("--output=FILE.png is required")
-    from diffusion_gemma.evaluation import outputs, plot_data, plotting
+    from diffusion_gemma import atomic_write
+    from diffusion_gemma.tasks.sudoku import plot_data, plotting
 
-    outputs.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)  # before any work
+    atomic_write.check_new(_OUTPUT.value, overwrite=_OVERWRITE.value)  # before any work
     if command == "training":
         _require(command, "workdir")
         curves = plot_data.training_curves(plot_data.read_metrics(_WORKDIR.value), _METRIC.value)

@@ -12,7 +12,7 @@ from typing import Callable
 
 import jax
 
-from diffusion_gemma.diffusion import randomness
+from diffusion_gemma.objective import randomness
 
 # decode(self_conditioning_logits [B, C, V] | None, self_conditioning_mask [B] | None) -> logits [B, C, V]
 DecodeFn = Callable[[jax.Array | None, jax.Array | None], jax.Array]

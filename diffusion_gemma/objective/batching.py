@@ -15,8 +15,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_gemma.diffusion import masks, randomness
-from diffusion_gemma.diffusion.corruption import Corruption
+from diffusion_gemma.model import masks
+from diffusion_gemma.objective import randomness
+from diffusion_gemma.objective.corruption import Corruption
 
 
 @flax.struct.dataclass

@@ -15,7 +15,7 @@ import os
 from diffusion_gemma.checkpoints import orbax_io
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.data.tokenizer import find_tokenizer_file
-from diffusion_gemma.diffusion.sampler import GENERATION_CONFIG_FILE, SamplerConfig
+from diffusion_gemma.sampling.sampler import GENERATION_CONFIG_FILE, SamplerConfig
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 SINGLE_DEVICE_MOE = "grouped"

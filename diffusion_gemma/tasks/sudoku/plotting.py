@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from diffusion_gemma.data import sudoku
-from diffusion_gemma.evaluation import outputs
-from diffusion_gemma.evaluation.plot_data import Frame, SweepPoint
+from diffusion_gemma.tasks.sudoku import puzzles
+from diffusion_gemma import atomic_write
+from diffusion_gemma.tasks.sudoku.plot_data import Frame, SweepPoint
 
 GIVEN, CORRECT, WRONG = "black", "#1a9641", "#d7191c"
 
@@ -27,7 +27,7 @@ def _figure(width: float, height: float):
 
 
 def save(figure, path: str, *, overwrite: bool, dpi: int = 120) -> None:
-    with outputs.atomic_path(path, overwrite=overwrite) as tmp:
+    with atomic_write.atomic_path(path, overwrite=overwrite) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi)
 
 
@@ -89,10 +89,10 @@ def by_givens(series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], titl
     """Solve rate by number of givens (marker area ~ puzzles), the difficulty buckets shaded."""
     figure = _figure(6.4, 4.0 + 0.2 * len(series))  # room for the legend below the axes
     ax = figure.add_subplot()
-    ax.axvspan(0, sudoku.MEDIUM_MIN_GIVENS - 0.5, color="#fde0dd", alpha=0.5, label="hard")
-    ax.axvspan(sudoku.MEDIUM_MIN_GIVENS - 0.5, sudoku.EASY_MIN_GIVENS - 0.5, color="#fff7bc", alpha=0.5,
+    ax.axvspan(0, puzzles.MEDIUM_MIN_GIVENS - 0.5, color="#fde0dd", alpha=0.5, label="hard")
+    ax.axvspan(puzzles.MEDIUM_MIN_GIVENS - 0.5, puzzles.EASY_MIN_GIVENS - 0.5, color="#fff7bc", alpha=0.5,
                label="medium")
-    ax.axvspan(sudoku.EASY_MIN_GIVENS - 0.5, 81, color="#e5f5e0", alpha=0.5, label="easy")
+    ax.axvspan(puzzles.EASY_MIN_GIVENS - 0.5, 81, color="#e5f5e0", alpha=0.5, label="easy")
     low, high = 81, 0
     for name, (givens, rates, counts) in series.items():
         if not len(givens):

@@ -15,10 +15,10 @@ from typing import Callable, Iterable
 import jax
 import numpy as np
 
-from diffusion_gemma.data import sudoku
-from diffusion_gemma.data.sudoku_format import SudokuFormat
-from diffusion_gemma.diffusion import autoregressive
-from diffusion_gemma.diffusion.sampler import SamplerConfig, StepEvent, generate, left_pad
+from diffusion_gemma.tasks.sudoku import puzzles as sudoku
+from diffusion_gemma.tasks.sudoku.formats import SudokuFormat
+from diffusion_gemma.sampling import autoregressive
+from diffusion_gemma.sampling.sampler import SamplerConfig, StepEvent, generate, left_pad
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 BUCKETS = ("easy", "medium", "hard")

@@ -11,8 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
-from diffusion_gemma.data.sudoku_format import CompactFormat, SudokuFormat
-from diffusion_gemma.diffusion.sampler import StepEvent
+from diffusion_gemma.tasks.sudoku.formats import CompactFormat, SudokuFormat
+from diffusion_gemma.sampling.sampler import StepEvent
 
 SOLVE_RATE = "solve_rate"
 

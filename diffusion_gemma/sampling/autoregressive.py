@@ -2,7 +2,7 @@
 
 The same shared stack that builds the diffusion KV cache is co-trained as a causal LM (the AR loss), so every
 DiffusionGemma checkpoint is also an autoregressive model. Decoding it one token per forward is the baseline
-the block-diffusion sampler is compared against (e.g. on Sudoku, where left-to-right order is a handicap).
+the block-diffusion sampler is compared against (e.g. on constraint puzzles, where left-to-right order is a handicap).
 """
 
 from __future__ import annotations

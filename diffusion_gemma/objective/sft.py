@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_gemma.config import ModelConfig
-from diffusion_gemma.diffusion import batching, losses, randomness
-from diffusion_gemma.diffusion.batching import Canvas, SftBatch
-from diffusion_gemma.diffusion.corruption import Corruption, CorruptionSettings, corrupt
-from diffusion_gemma.diffusion.self_conditioning import sample_coins, two_pass_logits
+from diffusion_gemma.objective import batching, losses, randomness
+from diffusion_gemma.objective.batching import Canvas, SftBatch
+from diffusion_gemma.objective.corruption import Corruption, CorruptionSettings, corrupt
+from diffusion_gemma.objective.self_conditioning import sample_coins, two_pass_logits
 from diffusion_gemma.model.transformer import DiffusionGemma, KVCache
 
 SELECTED_BLOCK = "selected_block"

@@ -5,17 +5,17 @@ self_conditioning (the two-pass rule), losses ((sum, count) terms and metrics), 
 together, in forms the trainer can jit and differentiate), randomness (per-example keys).
 """
 
-from diffusion_gemma.diffusion.batching import Canvas, SftBatch, choose_blocks, full_response_canvas, \
+from diffusion_gemma.objective.batching import Canvas, SftBatch, choose_blocks, full_response_canvas, \
     selected_block_canvas
-from diffusion_gemma.diffusion.corruption import ABSORBING, UNIFORM, Corruption, CorruptionSettings, corrupt
-from diffusion_gemma.diffusion.losses import finalize_metrics
-from diffusion_gemma.diffusion.masks import encoder_visibility, inference_decoder_visibility, \
+from diffusion_gemma.objective.corruption import ABSORBING, UNIFORM, Corruption, CorruptionSettings, corrupt
+from diffusion_gemma.objective.losses import finalize_metrics
+from diffusion_gemma.model.masks import encoder_visibility, inference_decoder_visibility, \
     training_decoder_visibility
-from diffusion_gemma.diffusion.objective import FULL_RESPONSE, SELECTED_BLOCK, Forward, LossCounts, LossSums, \
+from diffusion_gemma.objective.sft import FULL_RESPONSE, SELECTED_BLOCK, Forward, LossCounts, LossSums, \
     ObjectiveSettings, denoise_canvas, forward, freeze_router, loss_counts, loss_fn, loss_sums, \
     micro_batch_loss_fn, model_loss_sums, prepare_canvas
-from diffusion_gemma.diffusion.randomness import example_keys
-from diffusion_gemma.diffusion.self_conditioning import sample_coins, two_pass_logits
+from diffusion_gemma.objective.randomness import example_keys
+from diffusion_gemma.objective.self_conditioning import sample_coins, two_pass_logits
 
 __all__ = [
     "ABSORBING", "FULL_RESPONSE", "SELECTED_BLOCK", "UNIFORM", "Canvas", "Corruption", "CorruptionSettings",

@@ -53,7 +53,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
 
-from diffusion_gemma.diffusion import sampling_steps as steps
+from diffusion_gemma.sampling import steps
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 ENTROPY_BOUND = "entropy_bound"

@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from diffusion_gemma.diffusion import randomness
+from diffusion_gemma.objective import randomness
 
 UNIFORM = "uniform"
 ABSORBING = "absorbing"

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from diffusion_gemma.data import sudoku
+from diffusion_gemma.tasks.sudoku import puzzles as sudoku
 
 
 class InvalidPuzzleError(ValueError):
@@ -126,7 +126,7 @@ def _repeated_given(grid: np.ndarray) -> str | None:
 
 def generated_set(count: int, *, seed: int, min_givens: int, max_givens: int) -> PuzzleSet:
     """`count` puzzles from the EVAL side of the split rule (never trained on), with their solutions."""
-    from diffusion_gemma.evaluation.sudoku import eval_puzzles
+    from diffusion_gemma.tasks.sudoku.evaluation import eval_puzzles
 
     if count <= 0:
         raise ValueError(f"the number of generated puzzles must be positive, got {count}")

@@ -9,10 +9,10 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from diffusion_gemma.data.sudoku_format import FORMATS, SudokuFormat, check_vocabulary, default_format_name, make_format
-from diffusion_gemma.diffusion.sampler import SamplerConfig
-from diffusion_gemma.evaluation import sudoku as sudoku_eval
-from diffusion_gemma.evaluation.puzzle_sets import PuzzleSet
+from diffusion_gemma.tasks.sudoku.formats import FORMATS, SudokuFormat, check_vocabulary, default_format_name, make_format
+from diffusion_gemma.sampling.sampler import SamplerConfig
+from diffusion_gemma.tasks.sudoku import evaluation as sudoku_eval
+from diffusion_gemma.tasks.sudoku.puzzle_sets import PuzzleSet
 from diffusion_gemma.model.transformer import DiffusionGemma
 
 SCHEMA = "diffusion_gemma/sudoku_eval/v1"
