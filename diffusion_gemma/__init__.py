@@ -1,7 +1,8 @@
 """diffusion_gemma: fine-tune and sample DiffusionGemma in JAX.
 
 The small public API (imported lazily, so `diffusion_gemma.data` works without loading the model):
-  ModelConfig        every architectural knob, presets `tiny()` and `gemma4_26b_a4b()`, HF config.json I/O
+  ModelConfig        every architectural knob, presets `tiny()` and `gemma4_26b_a4b()` (HF config.json
+                     conversion: `diffusion_gemma.checkpoints.hf_config`)
   DiffusionGemma     the Flax NNX stack: `encode` -> KVCache, `decode` -> canvas logits, `__call__` = both
   KVCache            the fixed-shape per-layer encoder cache
   load_hf            read a HuggingFace DiffusionGemma directory into a model

@@ -4,8 +4,8 @@
     python -m diffusion_gemma.generate --checkpoint=CKPT --prompts_file=prompts.jsonl --output=answers.jsonl
 
 The model comes from a HuggingFace directory (`--hf_dir`) or one of our Orbax checkpoints (`--checkpoint`, a
-training run's `WORKDIR/checkpoints` included, LoRA adapters merged), loaded as evaluation loads it
-(`evaluation.loading`) with the tokenizer and generation config that travel with it. Sampling settings are the
+training run's `WORKDIR/checkpoints` included, LoRA adapters merged), loaded by `checkpoints.loading.load` as
+the evaluation scripts load it, with the tokenizer and generation config that travel with it. Sampling settings are the
 model's `generation_config.json`, then the flags. A prompts file is JSONL, one prompt per line: a JSON string or an
 object with a "prompt" field; prompts are left-padded into batches of `--batch_size`. For every prompt the
 answer, its tokens per decoder forward pass and the batch's wall time are printed.
@@ -24,8 +24,8 @@ import numpy as np
 from absl import flags, logging
 
 from diffusion_gemma import cli
-from diffusion_gemma.data.tokenizer import (Tokenizer, TokenizerError, chat_prompt_ids, load_tokenizer,
-                                            vocabulary_task)
+from diffusion_gemma.data.chat import user_prompt_ids
+from diffusion_gemma.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer, vocabulary_task
 from diffusion_gemma.sampling import sampler as sampler_lib
 from diffusion_gemma.model.transformer import DiffusionGemma
 
@@ -93,7 +93,7 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def answer_ids(generated: np.ndarray, config: sampler_lib.SamplerConfig) -> list[int]:
+def trim_answer(generated: np.ndarray, config: sampler_lib.SamplerConfig) -> list[int]:
     """A row's generated tokens up to (not including) its first EOS, pads dropped."""
     ids = []
     for token in np.asarray(generated).tolist():
@@ -111,7 +111,7 @@ def answer_prompts(model: DiffusionGemma, tokenizer: Tokenizer, prompts: Sequenc
     answers = []
     for start in range(0, len(prompts), batch_size):
         batch = list(prompts[start:start + batch_size])
-        encoded = [chat_prompt_ids(tokenizer, p) if chat else [tokenizer.bos_id] + tokenizer.encode(p)
+        encoded = [user_prompt_ids(tokenizer, p) if chat else [tokenizer.bos_id] + tokenizer.encode(p)
                    for p in batch]
         too_large = max(max(ids) for ids in encoded)
         if too_large >= model.config.vocab_size:
@@ -125,7 +125,7 @@ def answer_prompts(model: DiffusionGemma, tokenizer: Tokenizer, prompts: Sequenc
         seconds = time.perf_counter() - began
         per_forward = result.tokens_per_forward()
         for row, prompt in enumerate(batch):
-            ids = answer_ids(generated[row], config)
+            ids = trim_answer(generated[row], config)
             answers.append(Answer(prompt=prompt, text=tokenizer.decode(ids), token_ids=ids,
                                   tokens_per_forward=float(per_forward[row]), denoising_steps=result.total_steps(),
                                   seconds=seconds))

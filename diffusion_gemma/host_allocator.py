@@ -1,24 +1,39 @@
-"""Large host buffers on transparent huge pages: CPU training steps about a third faster.
+"""Large host buffers on transparent huge pages, for CPU training.
 
-XLA:CPU allocates each step's temporary buffers (hundreds of MB) with malloc. glibc serves allocations above
-32 MiB with fresh mmaps, so every step faults its buffers in again, 4 KiB at a time: 11 M page faults in a
-75-step run of configs/sudoku.py, a sixth of its CPU time spent in the kernel. glibc >= 2.35 can advise
-transparent huge pages for those mappings (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`): 23x fewer faults, steps
-0.74 s -> 0.43-0.58 s on this project's 2-core machine (experiments/sudoku/README.md). Tunables are read when a
-process starts, so the training CLI re-executes itself once with the setting. `DIFFUSION_GEMMA_KEEP_MALLOC=1`
-opts out.
+XLA:CPU allocates each step's large temporary buffers with malloc. glibc serves allocations above its mmap
+threshold (32 MiB at most) with fresh mmaps, so every step faults its buffers in again, 4 KiB at a time, and a
+sizeable share of a CPU run's time goes to the kernel. glibc >= 2.35 can advise transparent huge pages for
+those mappings (`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`); measured effects are in the experiment READMEs under
+experiments/. Tunables are read when a process starts, so the training CLI re-executes itself once with the
+setting, and says so in one line.
+
+It does so only where it helps and cannot disturb anything: a CPU-backend, single-process launch. On an
+accelerator the big buffers live in device memory, and a multi-process launch is left exactly as its launcher
+started it. `DIFFUSION_GEMMA_HUGE_PAGES=1` asks for the re-exec on any launch, `=0` never does it; a hugetlb
+tunable the user set already is kept as it is. The decision reads flags and the environment only (it runs
+before JAX picks a backend).
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
 TUNABLES = "GLIBC_TUNABLES"
 HUGE_PAGES = "glibc.malloc.hugetlb=1"
-OPT_OUT = "DIFFUSION_GEMMA_KEEP_MALLOC"
+SWITCH = "DIFFUSION_GEMMA_HUGE_PAGES"
 _THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+# Device files of accelerators JAX would use instead of the CPU: NVIDIA GPUs, TPUs (/dev/accel*, or VFIO
+# groups on newer TPU VMs), AMD GPUs (ROCm's /dev/kfd).
+ACCELERATOR_DEVICE_PATTERNS = ("/dev/nvidia[0-9]*", "/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/kfd")
+# Set on TPU VMs even where the device files are not visible (containers).
+ACCELERATOR_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "TPU_WORKER_HOSTNAMES")
+
+
+class HugePagesSwitchError(ValueError):
+    """`DIFFUSION_GEMMA_HUGE_PAGES` set to something other than 0 or 1."""
 
 
 def glibc_version() -> tuple[int, ...]:
@@ -40,12 +55,36 @@ def transparent_huge_pages() -> str:
     return text[text.find("[") + 1: text.find("]")] if "[" in text else ""
 
 
-def wants_huge_pages(environ: Mapping[str, str], platform: str, glibc: tuple[int, ...], thp: str) -> bool:
-    """Whether re-executing with the tunable would change anything: Linux, glibc >= 2.35, THP not disabled, no
-    hugetlb tunable yet and no opt-out."""
-    if platform != "linux" or environ.get(OPT_OUT) or "glibc.malloc.hugetlb" in environ.get(TUNABLES, ""):
+def accelerator_evidence(environ: Mapping[str, str],
+                         patterns: Iterable[str] = ACCELERATOR_DEVICE_PATTERNS) -> list[str]:
+    """What says this host has an accelerator (device files, TPU variables), without starting any backend."""
+    found = [path for pattern in patterns for path in sorted(glob.glob(pattern))]
+    return found + [name for name in ACCELERATOR_ENV if environ.get(name)]
+
+
+def cpu_backend(environ: Mapping[str, str], accelerators: Sequence[str]) -> bool:
+    """Whether JAX will run on the CPU: `JAX_PLATFORMS` says so (cpu only), or it is unset and no accelerator
+    is in sight."""
+    platforms = [name.strip().lower() for name in environ.get("JAX_PLATFORMS", "").split(",") if name.strip()]
+    if platforms:
+        return set(platforms) == {"cpu"}
+    return not accelerators
+
+
+def wants_huge_pages(environ: Mapping[str, str], *, single_process: bool, accelerators: Sequence[str],
+                     platform: str, glibc: tuple[int, ...], thp: str) -> bool:
+    """Whether to re-execute with the tunable. Never when the switch is 0, a hugetlb tunable is set already,
+    or the tunable cannot act (not Linux, glibc < 2.35, THP disabled); always when the switch is 1; otherwise
+    for a CPU-backend, single-process launch only."""
+    switch = environ.get(SWITCH, "").strip()
+    if switch not in ("", "0", "1"):
+        raise HugePagesSwitchError(f"{SWITCH}={environ[SWITCH]!r}: expected 1 (re-execute with huge-page malloc), "
+                                   "0 (never) or unset (CPU-backend, single-process launches only)")
+    if switch == "0" or "glibc.malloc.hugetlb" in environ.get(TUNABLES, ""):
         return False
-    return glibc >= (2, 35) and thp in ("always", "madvise")
+    if platform != "linux" or glibc < (2, 35) or thp not in ("always", "madvise"):
+        return False
+    return switch == "1" or (single_process and cpu_backend(environ, accelerators))
 
 
 def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
@@ -55,11 +94,13 @@ def with_huge_pages(environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def reexec_with_huge_pages(module: str) -> None:
-    """Replace this process by `python -m module <same arguments>` with the tunable set (same PID, so process
-    managers and multi-host launchers see nothing), unless it is set already or would not apply."""
-    if not wants_huge_pages(os.environ, sys.platform, glibc_version(), transparent_huge_pages()):
+def reexec_with_huge_pages(prog: str, *, single_process: bool) -> None:
+    """Replace this process by the same command line with the tunable set (same PID, so process managers see
+    nothing), printing one line, if `wants_huge_pages` says so; otherwise return."""
+    if not wants_huge_pages(os.environ, single_process=single_process, accelerators=accelerator_evidence(os.environ),
+                            platform=sys.platform, glibc=glibc_version(), thp=transparent_huge_pages()):
         return
-    sys.stdout.flush()
+    print(f"{prog}: re-executing with {TUNABLES}={HUGE_PAGES} (huge pages for XLA:CPU's large host buffers; "
+          f"{SWITCH}=0 turns this off)", flush=True)
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, "-m", module, *sys.argv[1:]], with_huge_pages(os.environ))
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], with_huge_pages(os.environ))

@@ -90,13 +90,6 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Iterable[jax.Device] |
     return jax.make_mesh(shape, MESH_AXES, axis_types=(SHARDING_MODE,) * len(MESH_AXES), devices=devices)
 
 
-def check_experts_fit(num_experts: int, mesh: Mesh) -> None:
-    """Expert parallelism needs the expert count divisible by the 'expert' axis."""
-    shards = mesh.shape.get(EXPERT_AXIS, 1)
-    if num_experts % shards:
-        raise ShardingError(f"{num_experts} experts cannot be split over the 'expert' mesh axis of size {shards}")
-
-
 # ------------------------------------------------------------------------------------------------------ rules
 def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
                     rules: tuple[tuple[str, tuple[str, ...]], ...] = LOGICAL_AXIS_RULES) -> P:

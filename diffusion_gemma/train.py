@@ -8,10 +8,15 @@ A mistake (a config file or key that does not exist, a bad value, a workdir that
 checkpoint or data file) ends the run with one line on stderr: exit 2 for flags and config keys, 1 for a run
 that failed; `--verbose` adds the traceback. A run stopped by SIGINT or SIGTERM saves a checkpoint, says so and
 exits 130 or 143; the same command resumes it.
+
+A CPU-backend, single-process launch on Linux re-executes itself once with huge-page malloc and says so in
+one line on stdout (`host_allocator.py`; `DIFFUSION_GEMMA_HUGE_PAGES=0` turns it off, `=1` asks for it on any
+launch).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -65,7 +70,10 @@ def stop_line(result, workdir: str) -> tuple[str, int]:
     return line, 128 + int(number) if number is not None else cli.EXIT_FAILED
 
 
-def main(argv) -> int:
+def main(argv, *, may_reexec: bool = False) -> int:
+    """The CLI's body. `may_reexec` (the command line's own call, never an in-process one): a CPU-backend,
+    single-process launch re-executes itself once with huge-page malloc (`host_allocator`), after the flags and
+    the config have been checked and before JAX starts a backend."""
     if len(argv) > 1:
         raise cli.UsageError(f"unexpected arguments {argv[1:]} (flags are --name=value)")
     # Checked here rather than with absl's mark_flags_as_required, whose validator would then bind every tool
@@ -85,12 +93,16 @@ def main(argv) -> int:
     import jax
 
     from diffusion_gemma import distributed
-    from diffusion_gemma.training.trainer import train
 
     try:
+        single_process = distributed.launch_kind(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value) is None
+        if may_reexec:
+            host_allocator.reexec_with_huge_pages(PROG, single_process=single_process)
         distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    except distributed.DistributedSetupError as err:
+    except (distributed.DistributedSetupError, host_allocator.HugePagesSwitchError) as err:
         raise cli.UsageError(str(err)) from None
+    from diffusion_gemma.training.trainer import train
+
     logging.info("jax %s, process %d/%d, devices: %s", jax.__version__, jax.process_index(), jax.process_count(),
                  jax.devices())
     if jax.process_index() == 0:
@@ -120,5 +132,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    host_allocator.reexec_with_huge_pages("diffusion_gemma.train")  # CPU steps ~1/3 faster; see the module
-    cli.run_absl(PROG, main)
+    cli.run_absl(PROG, functools.partial(main, may_reexec=True))

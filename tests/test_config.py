@@ -1,4 +1,5 @@
-"""ModelConfig: presets, validation errors naming the field, exact HuggingFace config.json round trips."""
+"""ModelConfig: presets, validation errors naming the field; and exact HuggingFace config.json round trips
+(`checkpoints/hf_config.py`)."""
 
 import dataclasses
 import json
@@ -9,6 +10,8 @@ import pytest
 from flax import nnx
 
 from diffusion_gemma import registry
+from diffusion_gemma.checkpoints.hf_config import (model_config_from_hf, model_config_from_hf_dir, model_config_to_hf,
+                                                  text_config_to_hf)
 from diffusion_gemma.config import FULL, SLIDING, ConfigError, ModelConfig, RopeConfig
 from diffusion_gemma.model.layers import rope_inv_freq
 from diffusion_gemma.model.transformer import DiffusionGemma
@@ -45,14 +48,14 @@ HF_VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
 def test_hf_config_json_round_trips_unchanged(tmp_path, variant):
     hf = _hf_config_json(tmp_path, **HF_VARIANTS[variant])
-    config = ModelConfig.from_hf_config(hf)
-    assert config.to_hf_config(template=hf) == hf
+    config = model_config_from_hf(hf)
+    assert model_config_to_hf(config, template=hf) == hf
 
 
 @pytest.mark.parametrize("variant", sorted(HF_VARIANTS))
 def test_per_layer_shapes_match_transformers(tmp_path, variant):
     hf = _hf_config_json(tmp_path, **HF_VARIANTS[variant])
-    config = ModelConfig.from_hf_config(hf)
+    config = model_config_from_hf(hf)
     reference = transformers.DiffusionGemmaConfig.from_pretrained(tmp_path).text_config
     assert list(config.layer_types) == list(reference.layer_types)
     for i in range(config.num_layers):
@@ -66,22 +69,22 @@ def test_config_without_per_layer_config_uses_global_head_dim_512():
     hf = {"model_type": "diffusion_gemma", "canvas_length": 256, "text_config": {
         "num_hidden_layers": 6, "num_experts": 4, "top_k_experts": 2, "moe_intermediate_size": 8,
         "num_global_key_value_heads": 1}}
-    config = ModelConfig.from_hf_config(hf)
+    config = model_config_from_hf(hf)
     assert config.layer_types == (SLIDING,) * 5 + (FULL,)
     assert config.layer_head_dims == (256,) * 5 + (512,)
     assert config.layer_kv_heads == (4,) * 5 + (1,)
-    assert config.to_hf_config(template=hf) == hf
+    assert model_config_to_hf(config, template=hf) == hf
 
 
 def test_last_layer_is_forced_full_like_the_reference(tmp_path):
     hf = _hf_config_json(tmp_path, num_hidden_layers=3, layer_types=[SLIDING] * 3)
-    assert ModelConfig.from_hf_config(hf).layer_types == (SLIDING, SLIDING, FULL)
+    assert model_config_from_hf(hf).layer_types == (SLIDING, SLIDING, FULL)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "sudoku_small", "gemma4_26b_a4b"])
 def test_preset_exported_config_loads_in_transformers_and_reads_back_equal(tmp_path, preset):
     config = registry.MODEL_PRESETS.get(preset)()
-    hf = config.to_hf_config()
+    hf = model_config_to_hf(config)
     hf["vision_config"] = TINY_VISION
     (tmp_path / "config.json").write_text(json.dumps(hf))
     reference = transformers.DiffusionGemmaConfig.from_pretrained(tmp_path)
@@ -91,7 +94,7 @@ def test_preset_exported_config_loads_in_transformers_and_reads_back_equal(tmp_p
     assert [text.per_layer_config[i].num_key_value_heads for i in range(config.num_layers)] == \
         list(config.layer_kv_heads)
     assert reference.canvas_length == config.canvas_length
-    assert ModelConfig.from_hf_config(json.loads(reference.to_json_string())) == config
+    assert model_config_from_hf(json.loads(reference.to_json_string())) == config
 
 
 def test_released_preset_shape():
@@ -101,7 +104,7 @@ def test_released_preset_shape():
     assert {config.layer_head_dims[i] for i in full} == {512}
     assert {config.layer_kv_heads[i] for i in full} == {2}
     assert config.scan_period == 6 and config.scan_repeats == 5
-    assert config.to_hf_text_config()["per_layer_config"] == {
+    assert text_config_to_hf(config)["per_layer_config"] == {
         f"{i:02d}": {"head_dim": 512, "num_key_value_heads": 2} for i in full}
 
 
@@ -138,14 +141,14 @@ def test_hf_config_errors_name_file_and_field(tmp_path):
     bad = json.loads(json.dumps(hf))
     bad["text_config"]["per_layer_config"] = {"5": {"intermediate_size": 3}}
     with pytest.raises(ConfigError, match=r"my/config.json.*per_layer_config\['5'\].*intermediate_size"):
-        ModelConfig.from_hf_config(bad, source="my/config.json")
+        model_config_from_hf(bad, source="my/config.json")
     bad = json.loads(json.dumps(hf))
     bad["text_config"]["attention_softcap_new_knob"] = 1
     with pytest.raises(ConfigError, match="attention_softcap_new_knob"):
-        ModelConfig.from_hf_config(bad)
+        model_config_from_hf(bad)
     (tmp_path / "config.json").write_text('{"text_config": {\n "num_experts": 4,,}}')
     with pytest.raises(ConfigError, match=r"config.json: line 2"):
-        ModelConfig.from_hf_dir(str(tmp_path))
+        model_config_from_hf_dir(str(tmp_path))
 
 
 def test_json_round_trip_of_our_own_config():

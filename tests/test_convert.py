@@ -337,7 +337,7 @@ def test_output_exists_overwrite_and_interruption(sources, work, monkeypatch):
     assert (output / "marker").exists()
     streaming.import_hf(hf_dir, str(output), overwrite=True, progress=False)
     assert not (output / "marker").exists() and (output / orbax_io.PARAMS_ITEM).is_dir()
-    with pytest.raises(CheckpointError, match="input"):
+    with pytest.raises(ValueError, match="the output cannot be one of the inputs"):
         streaming.import_hf(hf_dir, hf_dir, overwrite=True, progress=False)
 
     # A failure half way leaves neither the output nor a temporary sibling behind.

@@ -18,7 +18,9 @@ MASK = np.array([[True, True, False], [True, False, True]])
 
 
 def test_diffusion_loss_is_summed_cross_entropy_over_scored_positions():
-    total, count = losses.diffusion_loss_sums(jnp.asarray(LOGITS), jnp.asarray(TARGETS), jnp.asarray(MASK))
+    """The objective's diffusion term: token cross-entropy summed over the scored canvas positions."""
+    token_losses = losses.token_cross_entropy(jnp.asarray(LOGITS), jnp.asarray(TARGETS))
+    total, count = losses.masked_sum(token_losses, jnp.asarray(MASK))
     expected = -sum(_log_softmax(LOGITS[b, c])[TARGETS[b, c]] for b in range(2) for c in range(3) if MASK[b, c])
     assert int(count) == 4
     np.testing.assert_allclose(float(total), expected, rtol=1e-6)

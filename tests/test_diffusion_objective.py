@@ -1,6 +1,6 @@
 """The composed objective on a tiny float32 model: the selected-block fast path against the full-canvas oracle,
-leakage through the real forward, self-conditioning wiring, the frozen router, and exactness under micro-batching
-and data parallelism.
+leakage through the real forward, self-conditioning wiring, what trains (the trainer's own split: the router stays
+frozen unless asked), and exactness under micro-batching and data parallelism.
 
 Compiles dominate the runtime, so each jitted function is built once at module level and reused.
 """
@@ -17,12 +17,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.objective import sft as objective, randomness
 from diffusion_gemma.objective.batching import SftBatch
-from diffusion_gemma.objective.sft import (FULL_RESPONSE, ObjectiveSettings, denoise_canvas, freeze_router,
-                                                 loss_counts, loss_fn, micro_batch_loss_fn, prepare_canvas)
+from diffusion_gemma.objective.sft import (FULL_RESPONSE, ObjectiveSettings, denoise_canvas, loss_counts, loss_fn,
+                                           micro_batch_loss_fn, prepare_canvas)
 from diffusion_gemma.objective.self_conditioning import sample_coins
 from diffusion_gemma.model import moe as moe_module
 from diffusion_gemma.model.layers import rms_norm
+from diffusion_gemma.model.lora import LoRA
+from diffusion_gemma.model.moe import ROUTER_PARAMS
 from diffusion_gemma.model.transformer import DiffusionGemma
+from diffusion_gemma.training.optimizer import trainable_filter
 
 VOCAB, EOS, PAD = 32, 1, 0
 BLOCK, LENGTH, BATCH = 4, 24, 8
@@ -71,7 +74,7 @@ def random_sft_batch(seed, batch, length):
 
 
 MODEL = numpy_initialised(lambda: DiffusionGemma(CONFIG, rngs=nnx.Rngs(0)))
-GRAPHDEF, PARAMS, BUFFERS = nnx.split(MODEL, nnx.Param, ...)
+GRAPHDEF, PARAMS, BUFFERS = nnx.split(MODEL, trainable_filter(lora=False), ...)  # what full SFT trains
 BATCH_DATA = random_sft_batch(0, BATCH, LENGTH)
 COINS = sample_coins(randomness.example_keys(RNG, BATCH_DATA.example_index), SETTINGS.self_conditioning_probability)
 
@@ -197,41 +200,64 @@ def _named(tree, name):
             if name in {getattr(entry, "key", None) for entry in path}]
 
 
-def test_frozen_router_gets_exactly_zero_gradient_and_the_rest_trains(selected_run):
+def test_full_sft_leaves_the_router_out_of_what_is_differentiated_and_trains_the_rest(selected_run):
     _, _, grads = selected_run
-    for name in objective.ROUTER_PARAM_NAMES:
-        leaves = _named(grads, name)
-        assert leaves and all(np.all(np.asarray(leaf) == 0) for leaf in leaves)
+    for name in ROUTER_PARAMS:
+        assert not _named(grads, name) and _named(BUFFERS, name), name
     for name in ("q_proj", "o_proj", "gate_up_proj", "per_expert_scale", "embedding", "gate_proj"):
         assert all(np.abs(np.asarray(leaf)).max() > 0 for leaf in _named(grads, name)), name
+
+
+def _moe_layer():
+    return numpy_initialised(lambda: moe_module.MoE(
+        hidden_size=CONFIG.hidden_size, num_experts=CONFIG.num_experts, top_k=CONFIG.top_k,
+        expert_dim=CONFIG.moe_intermediate_size, eps=CONFIG.rms_norm_eps, std=0.02, param_dtype=jnp.float32,
+        impl="dense", rngs=nnx.Rngs(0)), std=0.3)
+
+
+_MOE_INPUTS = tuple(jnp.asarray(x, jnp.float32)  # residual, normed, output weights, each [2, 5, D]
+                    for x in np.random.default_rng(0).normal(size=(3, 2, 5, CONFIG.hidden_size)))
+
+
+def _moe_grads(layer, trains):
+    """Gradients of a weighted sum of the MoE output w.r.t. the parameters `trains` selects and the residual."""
+    graphdef, params, frozen = nnx.split(layer, trains, ...)
+    residual, normed, weights = _MOE_INPUTS
+
+    def moe_loss(params, residual):
+        return jnp.sum(nnx.merge(graphdef, params, frozen)(residual, normed) * weights)
+
+    return jax.jit(jax.grad(moe_loss, argnums=(0, 1)))(params, residual)
 
 
 def test_routing_weights_still_carry_gradient_to_the_hidden_states(monkeypatch):
     """The router reads the raw residual and the experts a separately normed copy, so the MoE output's gradient
     w.r.t. the residual flows ONLY through the routing weights: non-zero with the router frozen, and exactly zero
     once the routing weights themselves are stop-gradiented."""
-    layer = numpy_initialised(lambda: moe_module.MoE(
-        hidden_size=CONFIG.hidden_size, num_experts=CONFIG.num_experts, top_k=CONFIG.top_k,
-        expert_dim=CONFIG.moe_intermediate_size, eps=CONFIG.rms_norm_eps, std=0.02, param_dtype=jnp.float32,
-        impl="dense", rngs=nnx.Rngs(0)), std=0.3)
-    graphdef, params = nnx.split(layer)
-    rng = np.random.default_rng(0)
-    residual, normed, weights = (jnp.asarray(rng.normal(size=(2, 5, CONFIG.hidden_size)), jnp.float32)
-                                 for _ in range(3))
-
-    def moe_loss(params, residual):
-        return jnp.sum(nnx.merge(graphdef, freeze_router(params))(residual, normed) * weights)
-
-    param_grads, residual_grad = jax.jit(jax.grad(moe_loss, argnums=(0, 1)))(params, residual)
+    layer = _moe_layer()
+    param_grads, residual_grad = _moe_grads(layer, trainable_filter(lora=False))
     assert np.abs(np.asarray(residual_grad)).max() > 1e-3
-    for name in objective.ROUTER_PARAM_NAMES:
-        assert all(np.all(np.asarray(leaf) == 0) for leaf in _named(param_grads, name))
+    assert not any(_named(param_grads, name) for name in ROUTER_PARAMS)
 
     original_route = moe_module.route
     monkeypatch.setattr(moe_module, "route", lambda *args, **kwargs: jax.tree.map(
         jax.lax.stop_gradient, original_route(*args, **kwargs)))
-    _, detached_residual_grad = jax.jit(jax.grad(moe_loss, argnums=(0, 1)))(params, residual)
+    _, detached_residual_grad = _moe_grads(layer, trainable_filter(lora=False))
     assert np.all(np.asarray(detached_residual_grad) == 0)
+
+
+def test_the_router_trains_when_unfrozen_and_through_a_lora_adapter_on_it():
+    layer = _moe_layer()
+    unfrozen, _ = _moe_grads(layer, trainable_filter(lora=False, freeze_router=False))
+    for name in ROUTER_PARAMS:
+        assert all(np.abs(np.asarray(leaf)).max() > 0 for leaf in _named(unfrozen, name)), name
+
+    layer.router_proj_lora = LoRA(layer.router_proj.shape, batch_dims=0, in_dims=1, rank=2, alpha=4.0,
+                                  rngs=nnx.Rngs(1))
+    adapter_grads, _ = _moe_grads(layer, trainable_filter(lora=True))
+    trained = {path for path, _ in nnx.to_flat_state(adapter_grads)}
+    assert trained == {("router_proj_lora", "a"), ("router_proj_lora", "b")}
+    assert np.abs(np.asarray(adapter_grads["router_proj_lora"]["b"][...])).max() > 0  # (a's is 0 while b is 0)
 
 
 def test_micro_batches_add_up_to_the_global_batch(selected_run):

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from diffusion_gemma import sharding
 from diffusion_gemma.config import ConfigError, ModelConfig
-from diffusion_gemma.model import expert_parallel, moe
+from diffusion_gemma.model import expert_parallel, moe, moe_ops
 from diffusion_gemma.model.lora import LoRA
 
 MESHES = [(1, 8), (2, 4), (8, 1)]
@@ -48,11 +48,11 @@ def make_tokens(num_tokens, seed=1, pad_fraction=0.0):
 def dense_moe(residual, normed, mask, router_proj, router_scale, per_expert_scale, gate_up, down, *,
               drop=None, top_k=TOP_K):
     """The oracle; `drop` [T, k] bool zeroes assignments the capacity-limited dispatch is expected to drop."""
-    weights, experts = moe.route(residual, router_proj, router_scale, per_expert_scale, top_k=top_k, eps=1e-6)
-    weights, experts = moe.mask_assignments(weights, experts, mask, gate_up.shape[0])
+    weights, experts = moe_ops.route(residual, router_proj, router_scale, per_expert_scale, top_k=top_k, eps=1e-6)
+    weights, experts = moe_ops.mask_assignments(weights, experts, mask, gate_up.shape[0])
     if drop is not None:
         weights = jnp.where(drop, 0.0, weights)
-    return moe.experts_dense(normed, weights, experts, gate_up, down)
+    return moe_ops.experts_dense(normed, weights, experts, gate_up, down)
 
 
 def ep_moe(residual, normed, mask, router_proj, router_scale, per_expert_scale, gate_up, down, top_k=TOP_K,
@@ -141,11 +141,11 @@ def test_grouped_matches_dense_oracle():
 
     @jax.jit
     def both(residual, normed, mask, params):
-        weights, experts = moe.route(residual, params["router_proj"], params["router_scale"],
-                                     params["per_expert_scale"], top_k=TOP_K, eps=1e-6)
-        weights, experts = moe.mask_assignments(weights, experts, mask, EXPERTS)
+        weights, experts = moe_ops.route(residual, params["router_proj"], params["router_scale"],
+                                         params["per_expert_scale"], top_k=TOP_K, eps=1e-6)
+        weights, experts = moe_ops.mask_assignments(weights, experts, mask, EXPERTS)
         return [fn(normed, weights, experts, params["gate_up"], params["down"])
-                for fn in (moe.experts_grouped, moe.experts_dense)]
+                for fn in (moe_ops.experts_grouped, moe_ops.experts_dense)]
 
     grouped, dense = both(residual, normed, mask, params)
     np.testing.assert_allclose(grouped, dense, rtol=RTOL, atol=ATOL)
@@ -178,8 +178,8 @@ def test_capacity_factor_drops_exactly_the_overflow(mesh_shape):
     # `capacity` of each device's.
     per_destination = np.bincount(np.array([0, 1]) // (EXPERTS // shards), minlength=shards) * local_tokens
     assert int(dropped) == 8 * np.maximum(per_destination - capacity, 0).sum() > 0
-    _, experts = moe.route(tokens[0], params["router_proj"], params["router_scale"], params["per_expert_scale"],
-                           top_k=TOP_K, eps=1e-6)
+    _, experts = moe_ops.route(tokens[0], params["router_proj"], params["router_scale"], params["per_expert_scale"],
+                               top_k=TOP_K, eps=1e-6)
     drop = expected_drops(experts, tokens[2], mesh_shape, capacity)
     np.testing.assert_allclose(out, dense_moe(*args_of(tokens, params), drop=drop), rtol=RTOL, atol=ATOL)
 
@@ -192,8 +192,8 @@ def test_capacity_factor_drop_count_is_exact_for_random_routing():
     capacity = expert_parallel.expert_capacity(96 // 8, TOP_K, EXPERTS // 4, 4, factor)
     with jax.set_mesh(make_mesh(mesh_shape)):
         out, dropped = jax.jit(functools.partial(ep_moe, capacity_factor=factor))(*args_of(tokens, params))
-    _, experts = moe.route(tokens[0], params["router_proj"], params["router_scale"], params["per_expert_scale"],
-                           top_k=TOP_K, eps=1e-6)
+    _, experts = moe_ops.route(tokens[0], params["router_proj"], params["router_scale"], params["per_expert_scale"],
+                               top_k=TOP_K, eps=1e-6)
     drop = expected_drops(experts, tokens[2], mesh_shape, capacity)
     assert 0 < int(dropped) == int(drop.sum())
     np.testing.assert_allclose(out, dense_moe(*args_of(tokens, params), drop=drop), rtol=RTOL, atol=ATOL)

@@ -1,9 +1,7 @@
 """A training run's checkpoint is self-contained: it carries its tokenizer, exports to a HuggingFace directory
-that transformers loads (from scratch: generated configs and an inert vision tower; LoRA: merged adapters), and
-`generate` reads it without `--tokenizer`, or (for a task's vocabulary) points at the task's tool.
-
-Two tiny runs of a few steps each: a Sudoku compact-format model from scratch, and a LoRA run on the bundled
-chat data (configs/gsm8k_lora.py:tiny's data and tokenizer, a smaller model)."""
+that transformers loads (from scratch: generated configs and an inert vision tower), and `generate` on a task's
+vocabulary points at the task's tool. One tiny run of one step: a Sudoku compact-format model from scratch.
+(LoRA runs: tests/test_lora_runs.py.)"""
 
 from __future__ import annotations
 
@@ -22,25 +20,21 @@ from flax import nnx
 torch = pytest.importorskip("torch", reason="reference dependency (pip install -e .[dev])")
 transformers = pytest.importorskip("transformers", reason="reference dependency (pip install -e .[dev])")
 
-from diffusion_gemma import generate  # noqa: E402
 from diffusion_gemma.checkpoints import orbax_io  # noqa: E402
 from diffusion_gemma.checkpoints.export import INERT_VISION_CONFIG, export_hf  # noqa: E402
-from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError, SafetensorsDir  # noqa: E402
-from diffusion_gemma.config import ModelConfig, RopeConfig  # noqa: E402
+from diffusion_gemma.checkpoints.hf_config import model_config_from_hf_dir  # noqa: E402
+from diffusion_gemma.checkpoints.safetensors_dir import SafetensorsDir  # noqa: E402
+from diffusion_gemma.config import RopeConfig  # noqa: E402
 from diffusion_gemma.data.pipeline import DataConfig  # noqa: E402
 from diffusion_gemma.tasks.sudoku.formats import TASK, CompactFormat  # noqa: E402
 from diffusion_gemma.data.tokenizer import TOKENIZER_JSON, load_tokenizer, vocabulary_task  # noqa: E402
 from diffusion_gemma.sampling.sampler import SamplerConfig  # noqa: E402
-from diffusion_gemma.checkpoints import loading  # noqa: E402
-from diffusion_gemma.model.transformer import DiffusionGemma  # noqa: E402
 from diffusion_gemma.sharding import MeshConfig  # noqa: E402
 from diffusion_gemma.training import checkpointing  # noqa: E402
-from diffusion_gemma.training import lora as lora_lib  # noqa: E402
-from diffusion_gemma.training.config import CheckpointSection, LoraSection, ModelSection, TrainConfig  # noqa: E402
+from diffusion_gemma.training.config import CheckpointSection, ModelSection, TrainConfig  # noqa: E402
 from diffusion_gemma.training.optimizer import OptimizerConfig  # noqa: E402
 from diffusion_gemma.training.trainer import train  # noqa: E402
 
-from cli_runs import run_flag_main  # noqa: E402
 from hf_reference import FULL, make_reference, reference_forward  # noqa: E402
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
@@ -53,14 +47,12 @@ SMALL = dict(num_layers=2, hidden_size=32, intermediate_size=48, num_heads=2, he
              sliding_window=8)
 
 
-def _config(model: dict, data: DataConfig, **changes) -> TrainConfig:
-    """One step on one device: enough to move every trained weight (LoRA's b starts at zero) at the least
-    compile time."""
-    config = TrainConfig(seed=0, num_steps=1, log_every=1, model=ModelSection(preset="tiny", overrides=model),
-                         optimizer=OptimizerConfig(learning_rate=1e-2, end_learning_rate=1e-3, warmup_steps=1),
-                         data=data, mesh=MeshConfig(data=1, expert=1),
-                         checkpoint=CheckpointSection(every_steps=1, keep=1, async_save=False))
-    return dataclasses.replace(config, **changes)
+def _config(model: dict, data: DataConfig) -> TrainConfig:
+    """One step on one device: enough to move every trained weight at the least compile time."""
+    return TrainConfig(seed=0, num_steps=1, log_every=1, model=ModelSection(preset="tiny", overrides=model),
+                       optimizer=OptimizerConfig(learning_rate=1e-2, end_learning_rate=1e-3, warmup_steps=1),
+                       data=data, mesh=MeshConfig(data=1, expert=1),
+                       checkpoint=CheckpointSection(every_steps=1, keep=1, async_save=False))
 
 
 @pytest.fixture(scope="module")
@@ -73,18 +65,6 @@ def sudoku_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("sudoku_run"))
     train(_config(model, data), workdir, progress=False, devices=jax.devices()[:1])
     return os.path.join(workdir, "checkpoints")
-
-
-@pytest.fixture(scope="module")
-def lora_run(tmp_path_factory):
-    """configs/gsm8k_lora.py:tiny's data, tokenizer and LoRA settings on a smaller model, from scratch."""
-    data = DataConfig(source="chat_jsonl", path=os.path.join(REPO, "configs", "data", "tiny_chat.jsonl"),
-                      tokenizer=TINY_TOKENIZER, seq_length=96, block_size=32, global_batch_size=8)
-    config = _config(dict(SMALL, vocab_size=512, canvas_length=32), data,
-                     lora=LoraSection(enabled=True, rank=8, alpha=16.0))
-    workdir = str(tmp_path_factory.mktemp("lora_run"))
-    train(config, workdir, progress=False, devices=jax.devices()[:1])
-    return os.path.join(workdir, "checkpoints"), config
 
 
 def _load_torch(hf_dir: str):
@@ -166,50 +146,6 @@ def test_generate_on_the_sudoku_vocabulary_points_at_the_sudoku_tool(sudoku_run)
                      f"experiments/sudoku/evaluate.py --checkpoint={sudoku_run}"], result.stderr
 
 
-# ------------------------------------------------------------------------------------------------------ LoRA
-def _model_running_adapters(checkpoint: str, config: TrainConfig) -> DiffusionGemma:
-    """The trained model as training ran it: base weights plus live adapters (not merged)."""
-    model_config = orbax_io.read_model_config(orbax_io.locate(checkpoint))
-    model = DiffusionGemma(model_config, rngs=nnx.Rngs(0))
-    lora_lib.apply_lora(model, config.lora.to_lora_config(), nnx.Rngs(1))
-    stored = orbax_io.flatten(orbax_io.restore_params(checkpoint))
-    variables = orbax_io.model_variables(model)
-    assert set(variables) == set(stored)
-    for path, variable in variables.items():
-        variable.set_value(jnp.asarray(stored[path]))
-    return model
-
-
-def test_lora_run_exports_merged_and_loads_in_transformers(lora_run, tmp_path):
-    checkpoint, config = lora_run
-    out = str(tmp_path / "hf")
-    with pytest.raises(CheckpointError, match="pass --merge_lora"):
-        export_hf(checkpoint, out, progress=False)
-    export_hf(checkpoint, out, merge_lora=True, progress=False)
-    live = _model_running_adapters(checkpoint, config)
-    ours = _logits_match(live, _load_torch(out), 512, 32)
-    merged = orbax_io.load_model(checkpoint)  # the loaders merge too
-    np.testing.assert_allclose(np.asarray(_forward(merged, *map(jnp.asarray, _inputs(512, 32)))), ours,
-                               rtol=RTOL, atol=ATOL)
-    base = orbax_io.flatten(orbax_io.restore_params(checkpoint))
-    q_proj = ("blocks", "0", "attn", "q_proj")
-    assert not np.allclose(np.asarray(orbax_io.model_variables(merged)[q_proj].get_value()), base[q_proj])
-    assert load_tokenizer(out).encode("hello world") == load_tokenizer(TINY_TOKENIZER).encode("hello world")
-    assert transformers.AutoTokenizer.from_pretrained(out)("hello world", add_special_tokens=False).input_ids == \
-        load_tokenizer(TINY_TOKENIZER).encode("hello world")
-
-
-def test_generate_reads_a_lora_run_without_tokenizer_flag(lora_run, capsys):
-    checkpoint, _ = lora_run
-    loaded = loading.load(checkpoint=checkpoint)
-    assert loaded.merged_adapters > 0 and loaded.tokenizer.endswith(os.path.join("tokenizer", TOKENIZER_JSON))
-    argv = ["generate", f"--checkpoint={checkpoint}", "--prompt=how many coins", "--chat", "--max_new_tokens=8",
-            "--max_denoising_steps=2", "--fixed_steps"]
-    run_flag_main(generate.main, argv)
-    printed = capsys.readouterr().out
-    assert printed.count("tokens per forward") == 1 and "2 denoising steps" in printed
-
-
 # ------------------------------------------------------------------------------------- starting from HF weights
 def test_checkpointer_keeps_what_the_initial_hf_weights_came_with(tmp_path):
     """A run from an HF directory keeps its passthrough (non-weight files, vision tower byte for byte) and its
@@ -222,7 +158,7 @@ def test_checkpointer_keeps_what_the_initial_hf_weights_came_with(tmp_path):
     root = str(tmp_path / "checkpoints")
 
     def checkpointer():
-        return checkpointing.TrainCheckpointer(root, model_config=ModelConfig.from_hf_dir(hf_dir), lora=None, keep=1,
+        return checkpointing.TrainCheckpointer(root, model_config=model_config_from_hf_dir(hf_dir), lora=None, keep=1,
                                                async_save=False, hf_source=hf_dir, tokenizer=load_tokenizer(hf_dir))
 
     checkpointer().close()

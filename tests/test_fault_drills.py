@@ -3,6 +3,7 @@ checkpoint save, and a disk too small for a checkpoint. The reference is the uni
 tests/test_training.py's tiny config; the CLI children run the same compiled step (same devices, numerics and
 compile cache), so their losses must match it exactly."""
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -18,9 +19,31 @@ from test_training import tiny_config, uninterrupted  # noqa: F401  (the fixture
 from diffusion_gemma.training.config import CheckpointSection
 from diffusion_gemma.training.trainer import train
 
-pytestmark = pytest.mark.slow  # see tests/conftest.py
+slow = pytest.mark.slow  # see tests/conftest.py
 
 
+def _crashing_train():
+    spec = importlib.util.spec_from_file_location("crashing_train", CRASHING_TRAIN[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_commit_hook_matches_only_the_rename_of_the_steps_temporary_directory():
+    is_commit = _crashing_train().is_commit
+    root = os.path.join("/work", "checkpoints")
+    tmp = os.path.join(root, "8.orbax-checkpoint-tmp-1712")
+    assert is_commit("os.rename", (tmp, os.path.join(root, "8"), -1, -1), 8) == "8.orbax-checkpoint-tmp-1712"
+    assert is_commit("os.rename", (tmp.encode(), os.path.join(root, "8/").encode(), -1, -1), 8) == \
+        "8.orbax-checkpoint-tmp-1712"
+    assert is_commit("os.rename", (tmp, os.path.join(root, "8"), -1, -1), 4) is None  # another step
+    assert is_commit("os.rename", (os.path.join(root, "80.tmp"), os.path.join(root, "80"), -1, -1), 8) is None
+    assert is_commit("os.rename", (tmp, os.path.join("/elsewhere", "8"), -1, -1), 8) is None
+    assert is_commit("os.rename", (os.path.join(root, ".hf.tmp"), os.path.join(root, "hf"), -1, -1), 8) is None
+    assert is_commit("open", (tmp, "r", 0), 8) is None
+
+
+@slow
 def test_sigterm_saves_the_step_reached_exits_143_and_the_resume_continues_exactly(uninterrupted, tmp_path):
     _, full = uninterrupted
     # Only the SIGTERM checkpoint: the periodic ones are out of reach (the compiled step is unchanged).
@@ -42,6 +65,7 @@ def test_sigterm_saves_the_step_reached_exits_143_and_the_resume_continues_exact
     np.testing.assert_array_equal([record["loss"] for record in before] + resumed.losses, full.losses)
 
 
+@slow
 def test_sigkill_while_a_checkpoint_commits_resumes_from_the_previous_one_losing_nothing(uninterrupted, tmp_path):
     _, full = uninterrupted
     config = tiny_config()  # synchronous checkpoints at steps 4 and 8
@@ -68,6 +92,7 @@ def _user_namespaces_work() -> bool:
         ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True).returncode == 0
 
 
+@slow
 @pytest.mark.skipif(not _user_namespaces_work(), reason="needs `unshare --user --map-root-user --mount` (user "
                     "namespaces) to mount a small tmpfs without privileges")
 def test_a_disk_too_small_for_a_checkpoint_is_refused_before_training(tmp_path):

@@ -86,9 +86,9 @@ def test_checkpoint_loads_like_the_hf_dir(hf_dir, tmp_path):
     assert [a.token_ids for a in answers[0]] == [a.token_ids for a in answers[1]]
 
 
-def test_answer_ids_and_overrides():
+def test_trim_answer_and_overrides():
     config = cli.sampler_lib.SamplerConfig(eos_token_ids=(1, 106), pad_token_id=0)
-    assert cli.answer_ids(np.array([7, 0, 8, 106, 9, 1]), config) == [7, 8]
+    assert cli.trim_answer(np.array([7, 0, 8, 106, 9, 1]), config) == [7, 8]
     overrides = cli.sampler_overrides(max_new_tokens=None, strategy="top_k", accept_top_k=4, greedy=True,
                                       fixed_steps=True, entropy_bound=None)
     assert overrides == dict(acceptance="top_k", accept_top_k=4, greedy=True, early_stop=False)

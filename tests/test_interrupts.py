@@ -24,7 +24,8 @@ from diffusion_gemma.model.transformer import DiffusionGemma
 from diffusion_gemma.training import evaluation
 from diffusion_gemma.training.config import CheckpointSection, TrainConfigError, from_config_dict
 from diffusion_gemma.training.metrics import drop_lines_after
-from diffusion_gemma.training.trainer import SaveSchedule, train
+from diffusion_gemma.training.loop import SaveSchedule
+from diffusion_gemma.training.trainer import train
 
 pytestmark = pytest.mark.slow  # see tests/conftest.py
 

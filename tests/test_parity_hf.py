@@ -47,6 +47,7 @@ from transformers.models.diffusion_gemma import modeling_diffusion_gemma as hf_d
 from transformers.models.diffusion_gemma.configuration_diffusion_gemma import DiffusionGemmaTextConfig  # noqa: E402
 
 from diffusion_gemma.checkpoints.hf import load_hf  # noqa: E402
+from diffusion_gemma.checkpoints.hf_config import model_config_to_hf  # noqa: E402
 from diffusion_gemma.config import FULL, SLIDING, ModelConfig  # noqa: E402
 from diffusion_gemma.model.layers import rope_inv_freq  # noqa: E402
 from hf_reference import (ReferenceBank, float64_inv_freq, float64_mode, float64_twin,  # noqa: E402
@@ -525,7 +526,7 @@ def test_rope_tables_sudoku_small_match_reference(tmp_path):
     import transformers
     from diffusion_gemma.tasks.sudoku.preset import sudoku_small
     config = sudoku_small()
-    hf = config.to_hf_config()
+    hf = model_config_to_hf(config)
     hf["vision_config"] = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32,
                                num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=8)
     (tmp_path / "config.json").write_text(json.dumps(hf))

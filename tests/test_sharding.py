@@ -48,12 +48,6 @@ def test_mesh_config_fills_one_axis_and_rejects_bad_shapes():
             sharding.MeshConfig(**bad).shape(8)
 
 
-def test_experts_must_fit_the_expert_axis():
-    sharding.check_experts_fit(128, make_mesh((1, 8)))
-    with pytest.raises(sharding.ShardingError, match="6 experts"):
-        sharding.check_experts_fit(6, make_mesh((2, 4)))
-
-
 # ------------------------------------------------------------------------------------------------------- rules
 def test_every_parameter_has_logical_axes_covered_by_the_rules_table():
     model = abstract_model()

@@ -26,7 +26,6 @@ from diffusion_gemma.tasks.sudoku.formats import (SYSTEM_PROMPT, ChatFormat, Com
 from diffusion_gemma.data.tokenizer import load_tokenizer
 from diffusion_gemma.sampling import autoregressive
 from diffusion_gemma.sampling.sampler import left_pad
-from diffusion_gemma import atomic_write
 from diffusion_gemma.tasks.sudoku import puzzle_sets
 from diffusion_gemma.tasks.sudoku import evaluation as sudoku_eval
 from diffusion_gemma.model.transformer import DiffusionGemma
@@ -266,19 +265,6 @@ def test_rule_breaking_givens_are_named_by_unit(cells, expected):
     for (row, col), digit in cells.items():
         grid[row, col] = digit
     assert puzzle_sets.puzzle_problem(grid) == f"the givens break the Sudoku rules: {expected}"
-
-
-def test_json_output_is_atomic_and_never_replaced_silently(tmp_path):
-    path = str(tmp_path / "out.json")
-    atomic_write.write_json(path, {"rate": float("nan"), "n": np.int64(3), "by": {25: 1.0}}, overwrite=False)
-    assert json.load(open(path)) == {"rate": None, "n": 3, "by": {"25": 1.0}}
-    with pytest.raises(FileExistsError, match="pass --overwrite"):
-        atomic_write.write_json(path, {}, overwrite=False)
-    with pytest.raises(RuntimeError):
-        with atomic_write.atomic_path(path, overwrite=True) as tmp:
-            open(tmp, "w").write("partial")
-            raise RuntimeError("crash while writing")
-    assert json.load(open(path))["n"] == 3 and os.listdir(tmp_path) == ["out.json"]
 
 
 def test_merge_adapters_folds_stacked_and_plain_lora():
@@ -565,7 +551,7 @@ def test_ablation_table_summarises_a_training_workdir(trained, tmp_path, capsys)
 def test_ablation_config_variants_change_one_thing_each():
     from diffusion_gemma.config import RopeConfig
     from diffusion_gemma.training.config import from_config_dict
-    from diffusion_gemma.training.trainer import model_config_for
+    from diffusion_gemma.training.setup import model_config_for
 
     ablation = load_script("ablation_config")
     default = model_config_for(from_config_dict(load_sudoku_config("")))

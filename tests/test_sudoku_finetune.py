@@ -21,7 +21,7 @@ from diffusion_gemma import sharding  # noqa: E402
 from diffusion_gemma.checkpoints import orbax_io  # noqa: E402
 from diffusion_gemma.checkpoints.hf import load_hf  # noqa: E402
 from diffusion_gemma.training import lora as lora_lib  # noqa: E402
-from diffusion_gemma.training import trainer  # noqa: E402
+from diffusion_gemma.training import setup as train_setup, trainer  # noqa: E402
 from diffusion_gemma.training.config import from_config_dict  # noqa: E402
 from hf_reference import FULL, make_reference  # noqa: E402
 from test_sudoku_eval import TINY_TOKENIZER, load_script, load_sudoku_config  # noqa: E402
@@ -66,7 +66,7 @@ def test_finetune_starts_from_the_imported_hf_weights(hf_dir):
     mesh = sharding.make_mesh(config.mesh)
     assert dict(mesh.shape) == {"data": 1, "expert": 8}
     with jax.set_mesh(mesh):
-        model = trainer.build_model(config, trainer.model_config_for(config), mesh)
+        model = train_setup.build_model(config, train_setup.model_config_for(config), mesh)
         assert model.config.moe_impl == "expert_parallel"
         assert len(orbax_io.lora_metadata(model)) == 12  # q, k, o, 3 MLP, router, 2 expert, 3 self-conditioning
         ours = np.asarray(_logits(model, input_ids, canvas))

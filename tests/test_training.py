@@ -1,19 +1,24 @@
 """The SFT trainer end to end on a tiny model: learning, exact resume, LoRA/frozen-router updates, restore on
-another mesh, and clear errors for bad input."""
+another mesh, and clear errors for bad input; and its pieces: the set-up's state (shardings, abstract form for
+lowering), the step's gradient accumulation, the checkpoint tree."""
 
 import dataclasses
 import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from diffusion_gemma.checkpoints import orbax_io
 from diffusion_gemma.data.chat import ChatFormatError
+from diffusion_gemma import sharding
+from diffusion_gemma.data import pipeline
 from diffusion_gemma.data.pipeline import DataConfig
 from diffusion_gemma.sharding import MeshConfig
-from diffusion_gemma.training import checkpointing
+from diffusion_gemma.training import checkpointing, setup, step
 from diffusion_gemma.training.config import (CheckpointSection, LoraSection, ModelSection, TrainConfig,
                                              TrainConfigError, from_config_dict)
 from diffusion_gemma.training.optimizer import OptimizerConfig
@@ -183,17 +188,74 @@ def test_gsm8k_configs_convert_and_tiny_variants_use_bundled_data():
         assert os.path.exists(tiny.data.path) and os.path.exists(tiny.data.tokenizer)
 
 
-def test_state_tree_round_trip_keeps_variable_types():
+def test_checkpoint_tree_joins_the_state_parts_and_splits_them_back():
     from flax import nnx
 
     from diffusion_gemma.config import ModelConfig
     from diffusion_gemma.model.transformer import DiffusionGemma
+    from diffusion_gemma.training.optimizer import trainable_filter
 
     model = DiffusionGemma(ModelConfig.tiny(**{k: v for k, v in TINY_MODEL.items()}), rngs=nnx.Rngs(0))
-    state = nnx.state(model)
-    tree = checkpointing.state_to_tree(state)
+    _, trainable, rest = nnx.split(model, trainable_filter(lora=False), ...)
+    tree = checkpointing.state_to_tree(trainable, rest)
     assert set(tree["blocks"]) == {"0", "1"}
-    back = checkpointing.tree_to_state(state, tree)
-    for (path, a), (_, b) in zip(nnx.to_flat_state(state), nnx.to_flat_state(back)):
-        assert type(a) is type(b), path
-        np.testing.assert_array_equal(a.get_value(), b.get_value())
+    assert orbax_io.flatten(tree).keys() == orbax_io.flatten(checkpointing.state_to_tree(nnx.state(model))).keys()
+    for part in (trainable, rest):
+        back = checkpointing.tree_to_state(part, tree)
+        assert len(nnx.to_flat_state(back)) == len(nnx.to_flat_state(part))
+        for (path, a), (_, b) in zip(nnx.to_flat_state(part), nnx.to_flat_state(back)):
+            assert type(a) is type(b), path
+            np.testing.assert_array_equal(a.get_value(), b.get_value())
+
+
+def _first_batch(config, mesh):
+    rows = sharding.process_batch_rows(mesh, config.data.global_batch_size)
+    source = pipeline.make_source(config.data, None)
+    host = next(iter(pipeline.make_dataset(source, config.data, num_steps=1, rows=rows)))
+    return step.global_batch(host, mesh, config.data.global_batch_size)
+
+
+def test_the_state_is_born_sharded_and_its_abstract_form_lowers_the_step():
+    """Adam's moments take their parameters' shardings; the abstract set-up (what benchmarks and ahead-of-time
+    compiles use) has the concrete state's shapes and shardings, and the trainer's step lowers on it."""
+    config = tiny_config()
+    mesh = sharding.make_mesh(config.mesh)
+    concrete, abstract = setup.build(config, mesh), setup.build(config, mesh, abstract=True)
+    trainable = concrete.state.trainable
+    assert any(leaf.sharding.spec != jax.sharding.PartitionSpec() for leaf in jax.tree.leaves(trainable))
+    for moments in ("mu", "nu"):
+        assert (jax.tree.map(lambda x: x.sharding.spec, optax.tree_utils.tree_get(concrete.state.opt_state, moments))
+                == jax.tree.map(lambda x: x.sharding.spec, trainable))
+    describe = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding.spec), tree)  # noqa: E731
+    for part in ("trainable", "rest", "opt_state"):
+        assert describe(getattr(abstract.state, part)) == describe(getattr(concrete.state, part)), part
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                         _first_batch(config, mesh))
+    with jax.set_mesh(mesh):
+        lowered = step.jit_train_step(abstract).lower(abstract.state.trainable, abstract.state.rest,
+                                                      abstract.state.opt_state, batch, jax.random.key(0),
+                                                      jax.ShapeDtypeStruct((), jnp.int32))
+    assert "stablehlo" in lowered.as_text()[:10_000]
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_gives_the_whole_batch_step():
+    """The trainer's step with the global batch in two micro-batches: the same loss, metrics and update as in
+    one piece."""
+    results = []
+    for accumulate in (1, 2):
+        config = tiny_config(grad_accum_steps=accumulate, mesh=MeshConfig(data=1, expert=1))
+        mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+        built = setup.build(config, mesh)
+        with jax.set_mesh(mesh):
+            out = step.jit_train_step(built)(built.state.trainable, built.state.rest, built.state.opt_state,
+                                             _first_batch(config, mesh), jax.random.key(0),
+                                             jnp.asarray(config.optimizer.warmup_steps, jnp.int32))
+        results.append(jax.device_get((out[0], out[2])))
+    (whole, whole_metrics), (accumulated, accumulated_metrics) = results
+    assert whole_metrics.keys() == accumulated_metrics.keys()
+    for name, value in whole_metrics.items():
+        np.testing.assert_allclose(accumulated_metrics[name], value, rtol=1e-5, err_msg=name)
+    assert whole_metrics["learning_rate"] > 0 and whole_metrics["grad_norm"] > 0
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(whole), jax.tree.leaves(accumulated)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -6,7 +6,7 @@ copies, no `lm_head`, and shards with an index when they exceed `max_shard_size`
 comes from the HuggingFace model the checkpoint came from (its `hf/` passthrough, or `base_hf_dir`): the vision
 tower and embed_vision byte for byte, `config.json` regenerated from the model config over the original one,
 generation config, tokenizer and other non-weight files copied. A model trained from scratch has no such
-source: its config.json is `ModelConfig.to_hf_config()` with an inert vision tower (`INERT_VISION_CONFIG`),
+source: its config.json is `hf_config.model_config_to_hf` with an inert vision tower (`INERT_VISION_CONFIG`),
 its generation_config.json the sampler's defaults with the model's special ids, and its tokenizer the one its
 training run carries (the checkpoint's `tokenizer/`, which also wins over the passthrough's).
 
@@ -27,7 +27,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from diffusion_gemma import atomic_write
 from diffusion_gemma.checkpoints import orbax_io, streaming
+from diffusion_gemma.checkpoints.hf_config import CONFIG_FILE, model_config_to_hf
 from diffusion_gemma.checkpoints.hf_keys import TensorMapping, tensor_mappings
 from diffusion_gemma.checkpoints.safetensors_dir import DTYPES as DTYPES_BY_CODE
 from diffusion_gemma.checkpoints.safetensors_dir import (CheckpointError, SafetensorsDir, SafetensorsWriter,
@@ -36,7 +38,6 @@ from diffusion_gemma.checkpoints.safetensors_dir import (CheckpointError, Safete
 from diffusion_gemma.config import DTYPES, ModelConfig
 from diffusion_gemma.sampling.sampler import GENERATION_CONFIG_FILE, SamplerConfig
 
-CONFIG_FILE = "config.json"
 # transformers gives every DiffusionGemma a vision tower (its config has no text-only form), so a model trained
 # without one is exported with the smallest `gemma4_vision` tower it builds (no layers, width 1), its weights
 # zero: from_pretrained then finds every key instead of initialising a tower at random, and an image embeds to
@@ -102,7 +103,7 @@ def export_hf(checkpoint: str, output: str, *, base_hf_dir: str | None = None, m
     dtype; default: the `dtype` the original HF checkpoint has (recorded at import, or read from
     `base_hf_dir`), else the dtype config.json declares, else each parameter's stored dtype.
     """
-    streaming.check_output(output, overwrite=overwrite, inputs=[checkpoint, base_hf_dir])
+    atomic_write.check_new(output, overwrite=overwrite, inputs=[checkpoint, base_hf_dir], directory=True)
     ckpt = orbax_io.locate(checkpoint)
     config = orbax_io.read_model_config(ckpt)
     if base_hf_dir is None:
@@ -122,7 +123,7 @@ def export_model(model: nnx.Module, output: str, *, base_hf_dir: str | None = No
     """An in-memory (possibly sharded) model -> a HuggingFace directory; `base_hf_dir` (an HF directory or one
     of our checkpoints) supplies the passthrough, without it configs are generated (module docstring). Each
     tensor is gathered to the host on its own."""
-    streaming.check_output(output, overwrite=overwrite, inputs=[base_hf_dir])
+    atomic_write.check_new(output, overwrite=overwrite, inputs=[base_hf_dir], directory=True)
     streaming.require_local(model, "export_model")
     passthrough, weights = streaming.passthrough_sources(base_hf_dir)
     return _export(model.config, _ModelSource(model), orbax_io.lora_metadata(model), passthrough, weights, None,
@@ -161,7 +162,7 @@ def _export(config: ModelConfig, source, lora: Mapping[str, Any], passthrough: s
         names = shard_file_names(len(shards))
         total = sum(item.nbytes for item in entries)
         bar = streaming.Progress(total, "export-hf", progress)
-        with bar, streaming.atomic_output(output, overwrite=overwrite, inputs=inputs) as tmp:
+        with bar, atomic_write.atomic_directory(output, overwrite=overwrite, inputs=inputs) as tmp:
 
             def pieces():
                 for shard_index, shard in enumerate(shards):
@@ -264,7 +265,7 @@ def _text_pieces(mapping: TensorMapping, source, adapters: Mapping[tuple, orbax_
 def _write_configs(directory: str, config: ModelConfig, template: Mapping[str, Any] | None, dtypes: set) -> None:
     """config.json (over the original's `template`, else generated with the inert vision tower) and, for a
     model without an original one, generation_config.json (a passthrough copy replaces it)."""
-    hf_config = config.to_hf_config(template)
+    hf_config = model_config_to_hf(config, template)
     if template is None:
         hf_config["vision_config"] = dict(INERT_VISION_CONFIG)
     if len(dtypes) == 1:
@@ -274,8 +275,8 @@ def _write_configs(directory: str, config: ModelConfig, template: Mapping[str, A
             hf_config["torch_dtype"] = name
         if "dtype" in hf_config.get("text_config", {}):
             hf_config["text_config"]["dtype"] = name
-    orbax_io.write_json(os.path.join(directory, CONFIG_FILE), hf_config)
-    orbax_io.write_json(os.path.join(directory, GENERATION_CONFIG_FILE), generation_config(config))
+    for name, data in ((CONFIG_FILE, hf_config), (GENERATION_CONFIG_FILE, generation_config(config))):
+        atomic_write.write_json(os.path.join(directory, name), data, overwrite=True, sort_keys=True)
 
 
 def generation_config(config: ModelConfig) -> dict[str, Any]:

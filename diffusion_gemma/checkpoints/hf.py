@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from diffusion_gemma.checkpoints.hf_config import model_config_from_hf_dir
 from diffusion_gemma.checkpoints.hf_keys import is_text_key, tensor_mappings
 from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError, SafetensorsDir
 from diffusion_gemma.config import ModelConfig
@@ -58,7 +59,7 @@ def load_hf(hf_dir: str, dtype: str = "float32", compute_dtype: str | None = Non
     straight into its sharding (`diffusion_gemma.sharding` rules), tensor by tensor. The vision tower is ignored
     here (the converter carries it through).
     """
-    config = ModelConfig.from_hf_dir(hf_dir, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
+    config = model_config_from_hf_dir(hf_dir, param_dtype=dtype, dtype=compute_dtype or dtype, **config_overrides)
     param_dtype = np.dtype(jnp.dtype(dtype))
     with SafetensorsDir(hf_dir) as checkpoint:
         check_text_keys(config, set(checkpoint.keys()), hf_dir)

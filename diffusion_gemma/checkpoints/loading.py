@@ -58,8 +58,7 @@ def load(*, checkpoint: str | None = None, hf_dir: str | None = None, dtype: str
                            _generation_config(hf_dir))
     ckpt = orbax_io.locate(checkpoint)
     config = single_device_config(orbax_io.read_model_config(ckpt), dtype, compute_dtype)
-    merged = len(orbax_io.find_adapters(orbax_io.ParamReader(ckpt.params).shapes(), orbax_io.read_lora(ckpt),
-                                        ckpt.params))
+    merged = len(orbax_io.checkpoint_adapters(ckpt))
     model = orbax_io.load_model(checkpoint, config=config)
     return LoadedModel(model, ckpt.tokenizer_file(), _generation_config(ckpt.find(orbax_io.HF_SUBDIR)), merged)
 

@@ -46,7 +46,7 @@ import math
 import os
 import queue
 import threading
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import jax
 import numpy as np
@@ -55,6 +55,7 @@ import tensorstore as ts
 from etils import epath
 from flax import nnx
 
+from diffusion_gemma import atomic_write
 from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
 from diffusion_gemma.config import ConfigError, ModelConfig
 from diffusion_gemma.data.tokenizer import find_tokenizer_file
@@ -128,8 +129,7 @@ def lora_metadata(model: nnx.Module) -> dict[str, dict[str, Any]]:
             for path, node in nnx.iter_graph(model) if isinstance(node, LoRA)}
 
 
-@dataclasses.dataclass(frozen=True)
-class Adapter:
+class Adapter(NamedTuple):
     """A stored `<kernel>_lora` adapter: the path of its `a` and `b` leaves and its scale (from lora.json)."""
 
     path: Path
@@ -276,20 +276,17 @@ def read_lora(ckpt: CheckpointDir) -> dict[str, dict[str, Any]]:
     return data
 
 
-def write_json(path: str, data: Any) -> None:
-    """Written to a temporary sibling and renamed, so that a concurrent reader (another process of a multi-host
-    run checking a resumed workdir) sees the old file or the new one, never a partial one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(data if isinstance(data, str) else json.dumps(data, indent=2, sort_keys=True))
-        f.write("\n")
-    os.replace(tmp, path)
+def checkpoint_adapters(ckpt: CheckpointDir) -> dict[Path, Adapter]:
+    """The adapters a checkpoint stores (a LoRA training run's), by kernel path: what the loaders merge."""
+    return find_adapters(ParamReader(ckpt.params).shapes(), read_lora(ckpt), ckpt.params)
 
 
 def write_metadata(directory: str, config: ModelConfig, lora: Mapping[str, Any] | None = None) -> None:
-    write_json(os.path.join(directory, MODEL_CONFIG_FILE), config.to_json())
+    """model_config.json and (with adapters) lora.json, each replaced whole (`atomic_write`): another process of
+    a multi-host run checking a resumed workdir reads the old file or the new one."""
+    atomic_write.write_text(os.path.join(directory, MODEL_CONFIG_FILE), config.to_json() + "\n", overwrite=True)
     if lora:
-        write_json(os.path.join(directory, LORA_FILE), dict(lora))
+        atomic_write.write_json(os.path.join(directory, LORA_FILE), dict(lora), overwrite=True, sort_keys=True)
 
 
 # -------------------------------------------------------------------------------------------- streamed writes
@@ -402,8 +399,8 @@ class _StreamedArrayHandler(ocp.type_handlers.NumpyHandler):
             spec = ocp.type_handlers.get_json_tspec_write(
                 info, use_ocdbt=use_ocdbt, global_shape=value.shape, local_shape=value.chunks, dtype=value.dtype,
                 process_index=jax.process_index() if use_ocdbt else None)
-            # One fsync of the whole output happens before it is published (streaming.atomic_output), instead
-            # of one per write.
+            # One fsync of the whole output happens before it is published (atomic_write.atomic_directory),
+            # instead of one per write.
             context = ts.Context(ts.Context.Spec({"file_io_sync": False}), parent=info.ts_context)
             stores.append(await ts.open(ts.Spec(spec), create=True, open=True, context=context))
 

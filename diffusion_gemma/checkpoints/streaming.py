@@ -6,18 +6,16 @@ block of rows at a time when the layout transform acts row by row (identity, exp
 memory stays near one block for those and one tensor for the rest.
 
 Outputs are written into a hidden temporary sibling, fsynced, and renamed into place at the end
-(`atomic_output`): an interrupted run leaves no partial output, and an existing output is only replaced with
-`overwrite=True`.
+(`atomic_write.atomic_directory`): an interrupted run leaves no partial output, an existing output is only
+replaced with `overwrite=True`, and an output is never one of the inputs.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from typing import Iterator, Sequence
 
@@ -27,8 +25,10 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from diffusion_gemma import atomic_write
 from diffusion_gemma.checkpoints import hf_keys, orbax_io
 from diffusion_gemma.checkpoints.hf import check_text_keys
+from diffusion_gemma.checkpoints.hf_config import model_config_from_hf_dir
 from diffusion_gemma.checkpoints.hf_keys import TensorMapping, tensor_mappings
 from diffusion_gemma.checkpoints.safetensors_dir import (INDEX_FILE, CheckpointError, SafetensorsDir,
                                                          SafetensorsWriter, entry)
@@ -46,63 +46,6 @@ BLOCK_BYTES = 16 * 2**20
 
 def is_text_side(key: str) -> bool:
     return key.startswith(TEXT_PREFIXES)
-
-
-# ------------------------------------------------------------------------------------------- output handling
-def check_output(output: str, *, overwrite: bool, inputs: Sequence[str | None] = ()) -> None:
-    """Refuse an existing output (unless `overwrite`) and an output that is one of the inputs."""
-    output = os.path.abspath(output)
-    for source in inputs:
-        if source and os.path.realpath(source) == os.path.realpath(output):
-            raise CheckpointError(f"{output}: the output cannot be the input directory")
-    if os.path.lexists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_output(output: str, *, overwrite: bool, inputs: Sequence[str | None] = ()) -> Iterator[str]:
-    """Yield a temporary sibling directory of `output`; on success fsync it and rename it to `output`."""
-    check_output(output, overwrite=overwrite, inputs=inputs)
-    output = os.path.abspath(output)
-    parent, name = os.path.split(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the output gets the usual permissions
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if os.path.lexists(output):
-            old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-            os.rename(output, os.path.join(old, name))
-            os.rename(tmp, output)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, output)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: str) -> None:
-    for directory, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(directory)
 
 
 class Progress:
@@ -255,8 +198,8 @@ def import_hf(hf_dir: str, output: str, *, dtype: str | None = None, overwrite: 
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    check_output(output, overwrite=overwrite, inputs=[hf_dir])
-    config = ModelConfig.from_hf_dir(hf_dir)
+    atomic_write.check_new(output, overwrite=overwrite, inputs=[hf_dir], directory=True)
+    config = model_config_from_hf_dir(hf_dir)
     with SafetensorsDir(hf_dir) as source:
         mappings = check_hf_tensors(config, source)
         groups = group_by_path(mappings)
@@ -282,12 +225,13 @@ def import_hf(hf_dir: str, output: str, *, dtype: str | None = None, overwrite: 
         extra = ordered_extra_keys(source)
         total = sum(leaf.nbytes for leaf in leaves.values()) + sum(source.info(k).nbytes for k in extra)
         bar = Progress(total, "import-hf", progress)
-        with bar, atomic_output(output, overwrite=overwrite, inputs=[hf_dir]) as tmp:
+        with bar, atomic_write.atomic_directory(output, overwrite=overwrite, inputs=[hf_dir]) as tmp:
             orbax_io.write_metadata(tmp, config)
             hf_out = os.path.join(tmp, orbax_io.HF_SUBDIR)
             copy_passthrough(hf_dir, hf_out)
-            orbax_io.write_json(os.path.join(hf_out, orbax_io.TEXT_DTYPES_FILE),
-                                {m.hf_key: source.info(m.hf_key).dtype for m in mappings})
+            atomic_write.write_json(os.path.join(hf_out, orbax_io.TEXT_DTYPES_FILE),
+                                    {m.hf_key: source.info(m.hf_key).dtype for m in mappings}, overwrite=True,
+                                    sort_keys=True)
             write_extra_tensors(source, extra, os.path.join(hf_out, orbax_io.EXTRA_TENSORS_FILE), bar)
             orbax_io.write_params(os.path.join(tmp, orbax_io.PARAMS_ITEM), leaves, bar.update)
         seconds = bar.close()
@@ -324,7 +268,7 @@ def save_model(model: nnx.Module, output: str, *, hf_dir: str | None = None, ove
     """Write `model` (any sharding; adapters included) as our checkpoint, gathering one layer slice of one
     parameter at a time. `hf_dir`: a HuggingFace directory (or one of our checkpoints) whose non-weight files
     and non-text tensors become the export passthrough."""
-    check_output(output, overwrite=overwrite, inputs=[hf_dir])
+    atomic_write.check_new(output, overwrite=overwrite, inputs=[hf_dir], directory=True)
     require_local(model, "save_model")
     variables = orbax_io.model_variables(model)
     stacked_paths = _stacked_paths(model)
@@ -344,7 +288,7 @@ def save_model(model: nnx.Module, output: str, *, hf_dir: str | None = None, ove
     total = sum(x.nbytes for x in leaves.values()) + sum(extra_source.info(k).nbytes for k in extra)
     bar = Progress(total, "save", progress)
     try:
-        with bar, atomic_output(output, overwrite=overwrite, inputs=[hf_dir] if hf_dir else []) as tmp:
+        with bar, atomic_write.atomic_directory(output, overwrite=overwrite, inputs=[hf_dir]) as tmp:
             orbax_io.write_metadata(tmp, model.config, orbax_io.lora_metadata(model))
             if passthrough is not None:
                 write_passthrough(passthrough, extra_source, os.path.join(tmp, orbax_io.HF_SUBDIR), bar)
@@ -396,8 +340,8 @@ def write_passthrough(passthrough: str, weights: SafetensorsDir | None, destinat
     """An `hf/` passthrough directory (layout: `orbax_io`) from what `passthrough_sources` returns: the
     non-weight files, the original text tensors' dtypes and the non-text tensors byte for byte."""
     copy_passthrough(passthrough, destination)
-    orbax_io.write_json(os.path.join(destination, orbax_io.TEXT_DTYPES_FILE),
-                        original_text_dtypes(passthrough, weights))
+    atomic_write.write_json(os.path.join(destination, orbax_io.TEXT_DTYPES_FILE),
+                            original_text_dtypes(passthrough, weights), overwrite=True, sort_keys=True)
     if weights is not None:
         write_extra_tensors(weights, ordered_extra_keys(weights),
                             os.path.join(destination, orbax_io.EXTRA_TENSORS_FILE), progress)

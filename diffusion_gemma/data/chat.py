@@ -1,4 +1,7 @@
-"""Chat JSONL -> single-turn SFT examples, rendered and supervised exactly as the reference recipe.
+"""The Gemma 4 chat template, rendered once for training, generation and evaluation, and chat JSONL -> SFT examples.
+
+Training (`prompt_and_answer_ids`) and generation (`user_prompt_ids`) build their prompts with the same
+`prompt_ids`, so a prompt at inference is token for token the prompt the model was trained on.
 
 Rendering (Gemma 4): `<bos>` [`<|turn>system\\n` S `<turn|>\\n`] then per turn `<|turn>ROLE\\n` TEXT `<turn|>\\n`,
 with the assistant role written `model`. Only the LAST assistant turn is supervised: its text + `<turn|>\\n`;
@@ -15,8 +18,10 @@ from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+# The turn markers of the Gemma 4 chat template (special tokens of its vocabulary).
 TURN_START = "<|turn>"
 TURN_END = "<turn|>"
+# Chat roles as the template writes them: the assistant is `model`.
 ROLES = {"system": "system", "user": "user", "assistant": "model", "model": "model"}
 
 
@@ -55,23 +60,35 @@ def _turn_ids(tokenizer: TextTokenizer, role: str, content: str, *, close: bool 
     exactly as a full render would be (tokenizers split their input at special tokens first) even when a
     tokenizer treats the markers as control symbols that never come out of `encode`."""
     ids = [tokenizer.require_id(TURN_START)] + list(tokenizer.encode(f"{ROLES[role]}\n{content}"))
-    if close:
-        ids += [tokenizer.require_id(TURN_END)] + list(tokenizer.encode("\n"))
-    return ids
+    return ids + _turn_close_ids(tokenizer) if close else ids
+
+
+def _turn_close_ids(tokenizer: TextTokenizer) -> list[int]:
+    """`<turn|>\n`, which ends every turn (and so the supervised answer)."""
+    return [tokenizer.require_id(TURN_END)] + list(tokenizer.encode("\n"))
+
+
+def prompt_ids(turns: Sequence[ChatTurn], tokenizer: TextTokenizer) -> list[int]:
+    """`<bos>`, every turn, then the `<|turn>model\n` header: the model's next tokens are its answer."""
+    ids = [tokenizer.bos_id]
+    for turn in turns:
+        ids += _turn_ids(tokenizer, turn.role, turn.content)
+    return ids + _turn_ids(tokenizer, "model", "", close=False)
+
+
+def user_prompt_ids(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """One user turn ready for the model to answer: `<bos><|turn>user\n{text}<turn|>\n<|turn>model\n`."""
+    return prompt_ids([ChatTurn("user", text)], tokenizer)
 
 
 def prompt_and_answer_ids(turns: Sequence[ChatTurn], tokenizer: TextTokenizer) -> tuple[list[int], list[int]]:
-    """Prompt ids (`<bos>`, every turn before the last assistant turn, then its `<|turn>model\n` header) and the
-    supervised answer ids (its content + `<turn|>\n`)."""
+    """Prompt ids (`prompt_ids` of every turn before the last assistant turn) and the supervised answer ids
+    (that turn's content + `<turn|>\n`)."""
     last = max((i for i, turn in enumerate(turns) if ROLES[turn.role] == "model"), default=None)
     if last is None:
         raise ChatFormatError("conversation has no assistant turn to supervise")
-    prompt = [tokenizer.bos_id]
-    for turn in turns[:last]:
-        prompt += _turn_ids(tokenizer, turn.role, turn.content)
-    prompt += _turn_ids(tokenizer, "model", "", close=False)
-    answer = (list(tokenizer.encode(turns[last].content)) + [tokenizer.require_id(TURN_END)]
-              + list(tokenizer.encode("\n")))
+    prompt = prompt_ids(turns[:last], tokenizer)
+    answer = list(tokenizer.encode(turns[last].content)) + _turn_close_ids(tokenizer)
     return prompt, answer
 
 

@@ -9,12 +9,11 @@ Ids follow Gemma's special-token layout (pad 0, eos 1, bos 2) and include the ch
 
 from __future__ import annotations
 
-import os
-import tempfile
+import argparse
+import sys
 from typing import Iterable
 
-import argparse
-
+from diffusion_gemma.atomic_write import atomic_path, check_new
 from diffusion_gemma.data.chat import TURN_END, TURN_START, read_chat_jsonl
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", TURN_START, TURN_END)
@@ -39,14 +38,11 @@ def chat_texts(path: str) -> Iterable[str]:
 
 
 def write_tokenizer(input_path: str, output_path: str, vocab_size: int, *, overwrite: bool = False) -> None:
-    if os.path.exists(output_path) and not overwrite:
-        raise FileExistsError(f"{output_path} exists; pass --overwrite to replace it")
+    check_new(output_path, overwrite=overwrite, inputs=[input_path])  # before the training, not after
     tokenizer = build_tokenizer(chat_texts(input_path), vocab_size)
-    directory = os.path.dirname(os.path.abspath(output_path))
-    with tempfile.NamedTemporaryFile("w", dir=directory, suffix=".tmp", delete=False) as tmp:
-        tmp.write(tokenizer.to_str(pretty=False))
-    os.chmod(tmp.name, 0o644)
-    os.replace(tmp.name, output_path)
+    with atomic_path(output_path, overwrite=overwrite, inputs=[input_path]) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(tokenizer.to_str(pretty=False))
 
 
 def main(argv=None) -> None:
@@ -56,7 +52,10 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab_size", type=int, default=512, help="vocabulary size")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = parser.parse_args(argv)
-    write_tokenizer(args.input, args.output, args.vocab_size, overwrite=args.overwrite)
+    try:
+        write_tokenizer(args.input, args.output, args.vocab_size, overwrite=args.overwrite)
+    except (OSError, ValueError) as err:  # ChatFormatError is a ValueError; both name the file
+        sys.exit(f"error: {err}")
     print(f"wrote {args.output}")
 
 

@@ -1,5 +1,5 @@
 """Tokenizers for prompting and decoding: a small `Tokenizer` interface over a HuggingFace `tokenizer.json` (the
-`tokenizers` library) or a sentencepiece model, and Gemma 4 rendering of a single user turn.
+`tokenizers` library) or a sentencepiece model. The chat template is rendered by `data/chat.py`.
 
 `encode` adds no special tokens of its own (the caller places `<bos>`), but special tokens written in the text,
 such as `<|turn>`, are recognised as such. `load_tokenizer(path)` takes a file or a checkpoint directory;
@@ -23,8 +23,6 @@ COMPANION_FILES = (TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.j
 # A tokenizer_config.json key marking a vocabulary that encodes a task's data, not text:
 # {"name": ..., "format": ..., "evaluate": the tool that runs such a model}.
 TASK_KEY = "diffusion_gemma_task"
-TURN_START = "<|turn>"
-TURN_END = "<turn|>"
 
 # Names tried, in order, for the special tokens when the caller does not give their ids.
 _BOS_NAMES = ("<bos>", "<s>")
@@ -227,13 +225,3 @@ def load_tokenizer(path: str, **special_ids) -> Tokenizer:
     if found.endswith(".json"):
         return HuggingFaceTokenizer(found, **special_ids)
     return SentencePieceTokenizer(found, **special_ids)
-
-
-def chat_prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Gemma 4 single user turn, ready for the model to answer:
-    `<bos><|turn>user\\n{prompt}<turn|>\\n<|turn>model\\n`. The turn markers' ids are looked up in the
-    vocabulary and placed directly, so the text in between is tokenized exactly as a full render would be (a
-    tokenizer splits its input at special tokens first) even when the markers are control symbols."""
-    turn_start, turn_end = tokenizer.require_id(TURN_START), tokenizer.require_id(TURN_END)
-    return ([tokenizer.bos_id, turn_start] + tokenizer.encode(f"user\n{prompt}") + [turn_end]
-            + tokenizer.encode("\n") + [turn_start] + tokenizer.encode("model\n"))

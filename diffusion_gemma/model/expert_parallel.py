@@ -37,10 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-# moe imports this module back; its functions are only looked up at call time.
-from diffusion_gemma.model import moe
+from diffusion_gemma.model.moe_ops import combine, grouped_ffn, mask_assignments, route
+from diffusion_gemma.sharding import EXPERT_AXIS
 
-EXPERT_AXIS = "expert"
 DISPATCHES = ("all_to_all", "ragged")
 # Module-level so that CPU tests can substitute an emulation (XLA:CPU cannot compile the real collective).
 ragged_all_to_all = jax.lax.ragged_all_to_all
@@ -101,8 +100,8 @@ def _local_moe(residual, normed, token_mask, router_proj, router_scale, per_expe
                eps, dispatch, capacity_factor, expert_axis, expert_shards, token_axes):
     """One device's share: T_l tokens, E_l experts."""
     local_experts = gate_up.shape[0]
-    weights, experts = moe.route(residual, router_proj, router_scale, per_expert_scale, top_k=top_k, eps=eps)
-    weights, experts = moe.mask_assignments(weights, experts, token_mask, local_experts * expert_shards)
+    weights, experts = route(residual, router_proj, router_scale, per_expert_scale, top_k=top_k, eps=eps)
+    weights, experts = mask_assignments(weights, experts, token_mask, local_experts * expert_shards)
     if dispatch == "all_to_all":
         capacity = expert_capacity(residual.shape[0], top_k, local_experts, expert_shards, capacity_factor)
         expert_out, dropped = _exchange_all_to_all(normed, experts, gate_up, down, capacity=capacity,
@@ -110,7 +109,7 @@ def _local_moe(residual, normed, token_mask, router_proj, router_scale, per_expe
     else:
         expert_out = _exchange_ragged(normed, experts, gate_up, down, axis=expert_axis, shards=expert_shards)
         dropped = jnp.zeros((), jnp.int32)
-    return moe.combine(weights, expert_out, normed.dtype), jax.lax.psum(dropped, token_axes)
+    return combine(weights, expert_out, normed.dtype), jax.lax.psum(dropped, token_axes)
 
 
 def _sort_by_expert(experts: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -144,7 +143,7 @@ def _exchange_all_to_all(x, experts, gate_up, down, *, capacity: int, axis: str,
     # [M, C, ...]: block d goes to device d; the result's block s came from device s.
     recv_rows = jax.lax.all_to_all(send_rows, axis, 0, 0, tiled=True)
     recv_ids = jax.lax.all_to_all(send_ids, axis, 0, 0, tiled=True)
-    out_rows = moe.grouped_ffn(recv_rows.reshape(shards * capacity, -1), recv_ids.reshape(-1), gate_up, down)
+    out_rows = grouped_ffn(recv_rows.reshape(shards * capacity, -1), recv_ids.reshape(-1), gate_up, down)
     back = jax.lax.all_to_all(out_rows.reshape(shards, capacity, -1), axis, 0, 0, tiled=True)
 
     rank = jnp.arange(order.shape[0]) - jnp.take(starts, jnp.minimum(destination, shards - 1))
@@ -181,7 +180,7 @@ def _exchange_ragged(x, experts, gate_up, down, *, axis: str, shards: int):
     segment_experts = jnp.append(jnp.tile(jnp.arange(local_experts, dtype=jnp.int32), shards), local_experts)
     segment_sizes = jnp.append(received.reshape(-1), buffer_rows - jnp.sum(recv_sizes))
     recv_ids = jnp.repeat(segment_experts, segment_sizes, total_repeat_length=buffer_rows)
-    out_rows = moe.grouped_ffn(recv_rows, recv_ids, gate_up, down)
+    out_rows = grouped_ffn(recv_rows, recv_ids, gate_up, down)
 
     # Back to where each source keeps those rows: source s's input offset for me.
     source_offsets = jax.lax.all_to_all(input_offsets, axis, 0, 0, tiled=True)

@@ -1,5 +1,10 @@
 """Boolean attention visibilities (True = the query may read the key) for the encoder and decoder passes.
 
+The only place the visibility rules live: `DiffusionGemma.encode` and `DiffusionGemma.decode` call
+`encoder_visibility` and `inference_decoder_visibility`, and the training objective builds its canvas with
+`training_decoder_visibility`. Keys are indexed by cache slot (slot k holds the k-th encoded token), so the
+rules stay right whatever positions (RoPE) the caller passes.
+
 Decoder visibilities use the layout `DiffusionGemma.decode` takes: one array per layer type, [B, C, T + C], over
 keys [cache slots 0..T-1 ; canvas 0..C-1]. The model turns False into the dtype's most negative finite value.
 
@@ -19,14 +24,23 @@ from diffusion_gemma.config import FULL, SLIDING
 Visibility = dict[str, jax.Array]
 
 
-def encoder_visibility(padding_mask: jax.Array, sliding_window: int) -> Visibility:
-    """padding_mask [B, S] (True = real token) -> causal [B, S, S] per layer type; sliding layers also keep
-    only the W keys ending at the query (`query - W < key <= query`). Pad keys are never visible."""
-    length = padding_mask.shape[1]
-    index = jnp.arange(length)
-    causal = index[None, :] <= index[:, None]
-    in_window = index[None, :] > index[:, None] - sliding_window
-    real_keys = padding_mask.astype(bool)[:, None, :]
+def encoder_visibility(key_mask: jax.Array, sliding_window: int, *, query_start: jax.Array | int = 0,
+                       num_queries: int | None = None) -> Visibility:
+    """Causal visibility of an encoder chunk over the cache it is written into.
+
+    key_mask [B, T] (True = the slot holds a real token, this chunk's included); the chunk's queries sit at slots
+    query_start .. query_start + num_queries - 1 (default: the whole buffer, one-shot encoding). Returns
+    [B, num_queries, T] per layer type: a query sees real keys at or before its slot; sliding layers keep only
+    the W keys ending at the query (`query - W < key <= query`). Because the rule reads slots, not chunks,
+    encoding in chunks sees exactly what one-shot encoding sees.
+    """
+    max_length = key_mask.shape[1]
+    num_queries = max_length if num_queries is None else num_queries
+    query_index = query_start + jnp.arange(num_queries)
+    key_index = jnp.arange(max_length)
+    causal = key_index[None, :] <= query_index[:, None]                                        # [Q, T]
+    in_window = key_index[None, :] > query_index[:, None] - sliding_window
+    real_keys = key_mask.astype(bool)[:, None, :]                                               # [B, 1, T]
     return {FULL: real_keys & causal[None], SLIDING: real_keys & (causal & in_window)[None]}
 
 
@@ -66,17 +80,22 @@ def training_decoder_visibility(key_mask: jax.Array, response_start: jax.Array, 
             SLIDING: jnp.concatenate([full_cached & in_window, canvas], axis=-1)}
 
 
-def inference_decoder_visibility(key_mask: jax.Array, cache_length: jax.Array, canvas_length: int,
-                                 sliding_window: int) -> Visibility:
+def inference_decoder_visibility(key_mask: jax.Array, cache_length: jax.Array | int, canvas_length: int,
+                                 sliding_window: int, canvas_visibility: jax.Array | None = None) -> Visibility:
     """What block-by-block inference sees: every filled cache slot on full layers, the last W-1 filled slots on
-    sliding layers (no per-query window), and the whole canvas. key_mask [B, T]; cache_length: slots filled."""
+    sliding layers (no per-query window), and the canvas.
+
+    key_mask [B, T]; cache_length: slots filled so far. canvas_visibility [B, C, C] restricts the canvas part
+    (default: the whole canvas, bidirectional).
+    """
     batch, max_length = key_mask.shape
     key_index = jnp.arange(max_length)
     filled = key_mask.astype(bool) & (key_index < cache_length)[None]
     recent = (key_index >= cache_length - (sliding_window - 1))[None]
-    canvas = jnp.ones((batch, canvas_length, canvas_length), bool)
+    if canvas_visibility is None:
+        canvas_visibility = jnp.ones((batch, canvas_length, canvas_length), bool)
     out = {}
     for layer_type, keys in ((FULL, filled), (SLIDING, filled & recent)):
         cached = jnp.broadcast_to(keys[:, None, :], (batch, canvas_length, max_length))
-        out[layer_type] = jnp.concatenate([cached, canvas], axis=-1)
+        out[layer_type] = jnp.concatenate([cached, canvas_visibility.astype(bool)], axis=-1)
     return out

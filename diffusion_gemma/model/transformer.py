@@ -6,7 +6,8 @@ as a `jax.lax.scan` over the repeats, so compile time stays flat in depth.
 
 The cache is a fixed-shape buffer [R, B, T, Kv, hd] per slot plus a key mask and a fill length, so every
 function jits. Cache semantics follow the reference: full layers see every encoded token; sliding layers see
-the last W-1 encoded tokens from the decoder and a W-token causal window inside the encoder.
+the last W-1 encoded tokens from the decoder and a W-token causal window inside the encoder (the rules:
+`model/masks.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from diffusion_gemma import sharding
-from diffusion_gemma.config import FULL, SLIDING, ModelConfig
+from diffusion_gemma.config import SLIDING, ModelConfig
+from diffusion_gemma.model import masks
 from diffusion_gemma.model.attention import Attention, masked_attention
 from diffusion_gemma.model.layers import (Buffer, Embedder, GatedMLP, RMSNorm, rms_norm, rope_cos_sin,
                                           rope_inv_freq)
@@ -60,7 +62,6 @@ class Block(nnx.Module):
         dim, eps, dtype = config.hidden_size, config.rms_norm_eps, jnp.dtype(config.param_dtype)
         std = config.initializer_range
         self.layer_type = layer_type
-        self.sliding_window = config.sliding_window
 
         def norm():
             return RMSNorm(dim, eps=eps, param_dtype=dtype)
@@ -230,11 +231,8 @@ class DiffusionGemma(nnx.Module):
         if padding_mask is None:
             padding_mask = jnp.ones((batch, chunk), bool)
         key_mask = jax.lax.dynamic_update_slice_in_dim(cache.key_mask, padding_mask.astype(bool), start, 1)
-        query_index = start + jnp.arange(chunk)
-        key_index = jnp.arange(cache.max_length)
-        causal = key_index[None, :] <= query_index[:, None]
-        in_window = key_index[None, :] > query_index[:, None] - self.config.sliding_window
-        visibility = {FULL: key_mask[:, None, :] & causal[None], SLIDING: key_mask[:, None, :] & (causal & in_window)[None]}
+        visibility = masks.encoder_visibility(key_mask, self.config.sliding_window, query_start=start,
+                                              num_queries=chunk)
 
         x = self.embedder.encode(input_ids, self.compute_dtype)
         x, keys, values = self._run_stack(x, positions, visibility, cache, encoding=True, write_index=start,
@@ -242,30 +240,14 @@ class DiffusionGemma(nnx.Module):
         new_cache = KVCache(keys=keys, values=values, key_mask=key_mask, length=start + chunk)
         return new_cache, self.final_norm(x)
 
-    def decoder_visibility(self, cache: KVCache, canvas_length: int,
-                           canvas_visibility: jax.Array | None = None) -> dict[str, jax.Array]:
-        """Inference visibility [B, C, T + C]: every filled cache slot on full layers, the last W-1 on sliding
-        layers (no per-query window), and the whole canvas."""
-        batch = cache.key_mask.shape[0]
-        key_index = jnp.arange(cache.max_length)
-        filled = cache.key_mask & (key_index < cache.length)[None]
-        recent = key_index >= cache.length - (self.config.sliding_window - 1)
-        if canvas_visibility is None:
-            canvas_visibility = jnp.ones((batch, canvas_length, canvas_length), bool)
-        out = {}
-        for layer_type, keys in ((FULL, filled), (SLIDING, filled & recent[None])):
-            cached = jnp.broadcast_to(keys[:, None, :], (batch, canvas_length, cache.max_length))
-            out[layer_type] = jnp.concatenate([cached, canvas_visibility], axis=-1)
-        return out
-
     def decode(self, canvas_ids: jax.Array, cache: KVCache, positions: jax.Array | None = None,
                self_conditioning_logits: jax.Array | None = None, self_conditioning_mask: jax.Array | None = None,
                visibility: Mapping[str, jax.Array] | None = None, canvas_mask: jax.Array | None = None) -> jax.Array:
         """Denoise a canvas [B, C] against a read-only cache -> fp32 softcapped logits [B, C, V].
 
         positions default to cache.length + arange(C). `visibility` (per layer type, bool [B, C, T + C]) overrides
-        the inference masks, e.g. with the block-causal training visibility. canvas_mask [B, C] marks real canvas
-        tokens (default: all); the others are kept out of the MoE.
+        the default `masks.inference_decoder_visibility`, e.g. with the block-causal training visibility.
+        canvas_mask [B, C] marks real canvas tokens (default: all); the others are kept out of the MoE.
         """
         batch, canvas_length = canvas_ids.shape
         dtype = self.compute_dtype
@@ -273,7 +255,8 @@ class DiffusionGemma(nnx.Module):
             positions = jnp.broadcast_to(cache.length + jnp.arange(canvas_length, dtype=jnp.int32),
                                          (batch, canvas_length))
         if visibility is None:
-            visibility = self.decoder_visibility(cache, canvas_length)
+            visibility = masks.inference_decoder_visibility(cache.key_mask, cache.length, canvas_length,
+                                                            self.config.sliding_window)
         embeds = self.embedder.encode(canvas_ids, dtype)
         soft = None
         if self_conditioning_logits is not None:

@@ -26,12 +26,6 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> SumAndCount:
     return jnp.sum(jnp.where(mask, values, 0.0)), jnp.sum(mask, dtype=jnp.int32)
 
 
-def diffusion_loss_sums(canvas_logits: jax.Array, clean_ids: jax.Array, scored_mask: jax.Array) -> SumAndCount:
-    """Cross-entropy against the clean tokens over the scored positions [B, C] — corrupted and uncorrupted alike
-    (no gating by the noise mask, no 1/t weight)."""
-    return masked_sum(token_cross_entropy(canvas_logits, clean_ids), scored_mask)
-
-
 def next_token_loss_sums(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
                          per_example: bool = False) -> SumAndCount:
     """Autoregressive loss of the encoder: logits [B, S-1, V] at positions 0..S-2 predict input_ids[:, 1:].

@@ -28,7 +28,6 @@ from diffusion_gemma.model.transformer import DiffusionGemma, KVCache
 
 SELECTED_BLOCK = "selected_block"
 FULL_RESPONSE = "full_response"
-ROUTER_PARAM_NAMES = ("router_proj", "router_scale")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,8 +35,9 @@ class ObjectiveSettings:
     """Static settings of the objective (hashable: pass them as a static jit argument).
 
     `canvas`: SELECTED_BLOCK trains on the chosen block only; FULL_RESPONSE runs every response block as the
-    reference does (the oracle; same loss and gradients, more compute). `freeze_router` stops the gradient of the
-    MoE router parameters (the reference does not train them).
+    reference does (the oracle; same loss and gradients, more compute). What trains is the caller's choice: the
+    gradient is taken w.r.t. `params` only (the trainer leaves the MoE router out of them,
+    `diffusion_gemma.training.optimizer.trainable_filter`).
     """
 
     block_size: int = 256
@@ -45,7 +45,6 @@ class ObjectiveSettings:
     self_conditioning_probability: float = 0.5
     ar_weight: float = 1.0
     ar_per_example: bool = False
-    freeze_router: bool = True
     num_rate_buckets: int = 4
     canvas: str = SELECTED_BLOCK
 
@@ -60,10 +59,6 @@ class ObjectiveSettings:
         if self.canvas not in (SELECTED_BLOCK, FULL_RESPONSE):
             raise ValueError(f"ObjectiveSettings.canvas = {self.canvas!r}; expected {SELECTED_BLOCK!r} or "
                              f"{FULL_RESPONSE!r}")
-
-    def for_eval(self) -> "ObjectiveSettings":
-        """Evaluation scores the diffusion term only, without self-conditioning (docs/TRAINING.md §6)."""
-        return dataclasses.replace(self, self_conditioning_probability=0.0, ar_weight=0.0)
 
 
 @flax.struct.dataclass
@@ -190,33 +185,14 @@ def model_loss_sums(model: DiffusionGemma, batch: SftBatch, rng: jax.Array,
     return sums, metrics
 
 
-def freeze_router(params: nnx.State) -> nnx.State:
-    """stop_gradient on the MoE router parameters (`router_proj`, `router_scale`, and a LoRA adapter on them if
-    any): their gradient is exactly zero, while the routing weights remain a differentiable function of the
-    hidden states, so the layers below still learn through them."""
-    frozen_names = set(ROUTER_PARAM_NAMES) | {f"{name}_lora" for name in ROUTER_PARAM_NAMES}
-
-    def is_router(path) -> bool:
-        return any(getattr(entry, "key", getattr(entry, "name", None)) in frozen_names for entry in path)
-
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jax.lax.stop_gradient(leaf) if is_router(path) else leaf, params)
-
-
-def _merge(graphdef: nnx.GraphDef, params: nnx.State, frozen_state: nnx.State | None,
-           settings: ObjectiveSettings) -> DiffusionGemma:
-    if settings.freeze_router:
-        params = freeze_router(params)
-    states = (params,) if frozen_state is None else (params, frozen_state)
-    return nnx.merge(graphdef, *states)
-
-
 def loss_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: SftBatch, rng: jax.Array,
               settings: ObjectiveSettings,
               frozen_state: nnx.State | None = None) -> tuple[LossSums, dict[str, losses.SumAndCount]]:
     """`model_loss_sums` on the model `nnx.merge(graphdef, params, frozen_state)`. `params` is what gets
-    differentiated (e.g. the nnx.Param state); `frozen_state` the rest (buffers such as layer_scalar)."""
-    return model_loss_sums(_merge(graphdef, params, frozen_state, settings), batch, rng, settings)
+    differentiated (the trainable parameters); `frozen_state` the rest (the frozen router, buffers such as
+    layer_scalar)."""
+    states = (params,) if frozen_state is None else (params, frozen_state)
+    return model_loss_sums(nnx.merge(graphdef, *states), batch, rng, settings)
 
 
 def micro_batch_loss_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: SftBatch, rng: jax.Array,

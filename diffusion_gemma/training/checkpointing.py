@@ -4,9 +4,13 @@ model_config.json, lora.json, the HuggingFace passthrough of the weights the run
 tokenizer its data was encoded with (tokenizer/) at the root, so `export-hf --checkpoint=WORKDIR/checkpoints`,
 `generate --checkpoint=WORKDIR/checkpoints` and evaluation work on any training run with no other input.
 
-Trees are plain nested dicts with string keys (`state_to_tree`), so they save and restore without NNX objects.
-With several processes every process calls save and restore (Orbax writes each array's shards from the
-process that holds them and commits once); only process 0 writes the root metadata files.
+The trainer hands over `nnx.State`s. Orbax stores plain nested dicts keyed like `nnx.state(model)`, list indices
+as strings (`state_to_tree`): the layout `orbax_io` and the converter read. This module converts at save and
+restore only, because saving the States themselves would add each Variable's `.value` to every optimizer-state
+path and integer keys to the parameters, and existing checkpoints would no longer restore.
+
+With several processes every process calls save and restore (Orbax writes each array's shards from the process
+that holds them and commits once); only process 0 writes the root metadata files.
 """
 
 from __future__ import annotations
@@ -15,14 +19,13 @@ import itertools
 import json
 import os
 import shutil
-import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from diffusion_gemma import distributed
+from diffusion_gemma import atomic_write, distributed
 from diffusion_gemma.checkpoints import orbax_io, streaming
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.data.tokenizer import Tokenizer
@@ -39,18 +42,38 @@ class InsufficientSpaceError(OSError):
     """The checkpoint directory's disk cannot hold one more checkpoint; raised before training starts."""
 
 
-def state_to_tree(state: nnx.State) -> dict:
-    """nnx.State -> nested dict of arrays keyed like `nnx.state(model)`, list indices as strings."""
+def state_to_tree(*states: nnx.State) -> dict:
+    """nnx.States (e.g. the trainable and the frozen part of one model) -> one nested dict of their arrays,
+    keyed like `nnx.state(model)` with list indices as strings."""
     return orbax_io.nest({tuple(str(p) for p in path): variable.get_value()
-                          for path, variable in nnx.to_flat_state(state)})
+                          for state in states for path, variable in nnx.to_flat_state(state)})
 
 
 def tree_to_state(template: nnx.State, tree: Mapping) -> nnx.State:
-    """Inverse of `state_to_tree`, keeping the template's Variable types and metadata (the template may be
-    abstract)."""
+    """The part of `tree` (from `state_to_tree`) at `template`'s paths, as an nnx.State with the template's
+    Variable types and metadata (the template may be abstract)."""
     flat = orbax_io.flatten(tree)
     return nnx.from_flat_state([(path, variable.replace(flat[tuple(str(p) for p in path)]))
                                 for path, variable in nnx.to_flat_state(template)])
+
+
+def _is_state(node: Any) -> bool:
+    return isinstance(node, nnx.State)
+
+
+def _opt_state_to_tree(opt_state: Any) -> Any:
+    """An optax state over nnx.States -> the same over `state_to_tree` dicts."""
+    return jax.tree.map(lambda node: state_to_tree(node) if _is_state(node) else node, opt_state, is_leaf=_is_state)
+
+
+def _opt_state_from_tree(template: Any, tree: Any) -> Any:
+    return jax.tree.map(lambda node, value: tree_to_state(node, value) if _is_state(node) else value, template,
+                        tree, is_leaf=_is_state)
+
+
+def _abstract(tree: Any) -> Any:
+    """Shapes, dtypes and shardings: a restore target that puts every array onto the current mesh."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def _write_passthrough(source: str, destination: str) -> None:
@@ -91,16 +114,8 @@ class TrainCheckpointer:
         target = os.path.join(self.directory, name)
         if os.path.exists(target):
             return
-        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=self.directory)
-        try:
+        with atomic_write.atomic_directory(target, overwrite=False, skip_if_empty=True) as tmp:
             write(tmp)
-            if os.listdir(tmp):
-                os.rename(tmp, target)
-            else:
-                os.rmdir(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     def _check_compatible(self, model_config: ModelConfig, lora: Mapping[str, Any] | None) -> None:
         config_path = os.path.join(self.directory, orbax_io.MODEL_CONFIG_FILE)
@@ -133,23 +148,29 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, *, params: Mapping, opt_state: Any, train_state: Mapping, force: bool = False) -> bool:
+    def save(self, step: int, *, params: Sequence[nnx.State], opt_state: Any, train_state: Mapping,
+             force: bool = False) -> bool:
+        """`params`: the model's state in parts (e.g. trainable and frozen), saved as one tree."""
         return self.manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            params=ocp.args.StandardSave(state_to_tree(*params)),
+            opt_state=ocp.args.StandardSave(_opt_state_to_tree(opt_state)),
             train_state=ocp.args.JsonSave(dict(train_state))), force=force)
 
-    def restore(self, step: int, *, params_target: Any, opt_state_target: Any) -> tuple[Any, Any, dict]:
-        """Targets are abstract trees (`jax.ShapeDtypeStruct` with shardings): arrays land on the current mesh,
-        whatever mesh saved them."""
+    def restore(self, step: int, *, params: Sequence[nnx.State],
+                opt_state: Any) -> tuple[tuple[nnx.State, ...], Any, dict]:
+        """Checkpoint `step` in the form of `params` (its parts) and `opt_state`, whose arrays (or abstract
+        arrays) give the shardings: the arrays land on the current mesh, whatever mesh saved them."""
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params_target), opt_state=ocp.args.StandardRestore(opt_state_target),
+                params=ocp.args.StandardRestore(_abstract(state_to_tree(*params))),
+                opt_state=ocp.args.StandardRestore(_abstract(_opt_state_to_tree(opt_state))),
                 train_state=ocp.args.JsonRestore()))
         except ValueError as err:
             raise IncompatibleCheckpointError(
                 f"{self.directory}/{step}: cannot restore into this run's parameters/optimizer state (was the "
                 f"optimizer or LoRA setup changed?): {err}") from None
-        return restored.params, restored.opt_state, dict(restored.train_state)
+        parts = tuple(tree_to_state(part, restored.params) for part in params)
+        return parts, _opt_state_from_tree(opt_state, restored.opt_state), dict(restored.train_state)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

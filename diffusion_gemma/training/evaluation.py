@@ -72,10 +72,10 @@ def make_evaluator(config: EvaluationConfig, data_config, tokenizer, workdir: st
 def _samples_evaluator(config: EvaluationConfig, data_config, tokenizer, workdir: str) -> Evaluator:
     if tokenizer is None:
         raise ValueError("evaluation.kind = 'samples' needs data.tokenizer")
-    from diffusion_gemma.data.tokenizer import chat_prompt_ids
+    from diffusion_gemma.data.chat import user_prompt_ids
     from diffusion_gemma.sampling.sampler import SamplerConfig, generate, left_pad
 
-    ids, mask = left_pad([chat_prompt_ids(tokenizer, p) for p in config.prompts], tokenizer.pad_id)
+    ids, mask = left_pad([user_prompt_ids(tokenizer, p) for p in config.prompts], tokenizer.pad_id)
     path = os.path.join(workdir, SAMPLES_FILE)
 
     def evaluate(model: DiffusionGemma, step: int, should_stop=None) -> dict | None:

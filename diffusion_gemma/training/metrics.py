@@ -13,6 +13,8 @@ from typing import Mapping
 
 import jax
 
+from diffusion_gemma import atomic_write
+
 # bf16 matmul peak of common accelerators (dense, per chip), for the MFU estimate.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12,
               "TPU v4": 275e12, "TPU v6 lite": 918e12}
@@ -90,12 +92,7 @@ def drop_lines_after(path: str, step: int) -> int:
     kept = [line for line in lines if _step_of(line) is not None and _step_of(line) <= step]
     if len(kept) == len(lines):
         return 0
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    atomic_write.write_text(path, "".join(kept), overwrite=True)
     return len(lines) - len(kept)
 
 

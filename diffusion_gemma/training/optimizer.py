@@ -1,5 +1,6 @@
-"""Optax optimisation: AdamW with linear warm-up + cosine decay and global-norm clipping, and the filters that
-decide what trains (everything but the MoE router in full SFT; only LoRA adapters in LoRA runs)."""
+"""Optax optimisation: AdamW with linear warm-up + cosine decay and global-norm clipping, and the filter that
+decides what trains (everything but the MoE router in full SFT; only LoRA adapters in LoRA runs). The filter is
+the only thing that freezes the router: what it leaves out is never differentiated."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import optax
 from flax import nnx
 
-ROUTER_PARAMS = ("router_proj", "router_scale")
+from diffusion_gemma.model.moe import ROUTER_PARAMS
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,8 +55,8 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> optax.GradientT
 
 
 def trainable_filter(lora: bool, freeze_router: bool = True) -> nnx.filterlib.Filter:
-    """LoRA runs train only `nnx.LoRAParam`s; full SFT trains every `nnx.Param` except (by default) the router.
-    Buffers such as `layer_scalar` are never trained."""
+    """LoRA runs train only `nnx.LoRAParam`s (adapters on the router too, when it is a target); full SFT trains
+    every `nnx.Param` except (by default) the router. Buffers such as `layer_scalar` are never trained."""
     if lora:
         return nnx.LoRAParam
     if not freeze_router:

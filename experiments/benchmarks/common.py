@@ -1,9 +1,9 @@
 """Shared pieces of the training / sampler / compile-time benchmarks (not a benchmark itself).
 
 Model presets, the synthetic SFT batch, the jitted training step exactly as the trainer builds it, model-FLOP
-counts, machine / library headers, timing and atomic JSON output. Scripts in this directory import it as
-`common` (Python puts the script's directory first on sys.path), so each stays runnable from a fresh checkout
-as `python experiments/benchmarks/<name>.py`.
+counts, machine / library headers and timing; results are written with `diffusion_gemma.atomic_write`. Scripts
+in this directory import it as `common` (Python puts the script's directory first on sys.path), so each stays
+runnable from a fresh checkout as `python experiments/benchmarks/<name>.py`.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,20 +23,14 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 if _REPO not in sys.path:
     sys.path.insert(1, _REPO)
 
-# Model widths of each preset; `--layers` picks the depth (default pattern: 5 sliding : 1 full, last layer full).
+# Each benchmark model: a library preset (`diffusion_gemma.registry.MODEL_PRESETS`) and the widths a benchmark
+# changes on top of it; `--layers` picks the depth (default pattern: 5 sliding : 1 full, last layer full).
 PRESETS = {
-    # ModelConfig.tiny(): the test-suite model (hidden 64, vocab 256, 8 experts top-2).
-    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_heads=4, head_dim=16, num_kv_heads=2,
-                 global_head_dim=32, num_global_kv_heads=1, sliding_window=8, num_experts=8, top_k=2,
-                 moe_intermediate_size=32),
-    # The CPU preset of generate.py (13 M parameters at 6 layers): hidden 256, vocab 16,384, 8 experts top-2.
-    "small": dict(vocab_size=16384, hidden_size=256, intermediate_size=512, num_heads=4, head_dim=64,
-                  num_kv_heads=2, global_head_dim=128, num_global_kv_heads=1, sliding_window=128, num_experts=8,
-                  top_k=2, moe_intermediate_size=128),
-    # The released 26B-A4B per-layer shapes (ModelConfig.gemma4_26b_a4b), any depth.
-    "released": dict(vocab_size=262_144, hidden_size=2816, intermediate_size=2112, num_heads=16, head_dim=256,
-                     num_kv_heads=8, global_head_dim=512, num_global_kv_heads=2, sliding_window=1024,
-                     num_experts=128, top_k=8, moe_intermediate_size=704),
+    "tiny": ("tiny", {}),  # the test-suite model: hidden 64, vocab 256, 8 experts top-2
+    # tiny's layout at widths a CPU still trains in seconds (13 M parameters at 6 layers): hidden 256, vocab 16,384.
+    "small": ("tiny", dict(vocab_size=16384, hidden_size=256, intermediate_size=512, head_dim=64, global_head_dim=128,
+                           sliding_window=128, moe_intermediate_size=128)),
+    "released": ("gemma4_26b_a4b", {}),  # the released 26B-A4B per-layer shapes, any depth
 }
 TINY_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                    num_attention_heads=2, num_key_value_heads=2, head_dim=8)
@@ -43,19 +38,37 @@ TINY_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size
 PEAK_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.04e12}
 
 
-def model_config(preset: str, layers: int, *, canvas: int = 256, **overrides):
-    from diffusion_gemma.config import ModelConfig
+def train_config(preset: str, layers: int, *, canvas: int = 256, lora: bool = False, **model_overrides):
+    """The trainer's config of a benchmark model, everything else at the trainer's defaults: its optimizer (over
+    1000 steps), its objective (two-pass self-conditioning, AR weight 1), the router frozen in full SFT, LoRA at
+    the default rank, alpha and targets; seed 0, one device. `model_overrides`: ModelConfig fields."""
+    from diffusion_gemma.training.config import LoraSection, ModelSection, TrainConfig
+    from diffusion_gemma.data.pipeline import DataConfig
+    from diffusion_gemma.sharding import MeshConfig
 
-    kwargs = dict(PRESETS[preset], num_layers=layers, canvas_length=canvas, max_position_embeddings=262_144)
-    kwargs.update(overrides)
-    return ModelConfig.build(**kwargs)
+    base, widths = PRESETS[preset]
+    section = {name: model_overrides.pop(name) for name in ("dtype", "param_dtype", "remat") if name in model_overrides}
+    overrides = {**widths, "num_layers": layers, "canvas_length": canvas, "max_position_embeddings": 262_144,
+                 **model_overrides}
+    return TrainConfig(seed=0, num_steps=1000, model=ModelSection(preset=base, overrides=overrides, **section),
+                       lora=LoraSection(enabled=lora), data=DataConfig(block_size=canvas),
+                       mesh=MeshConfig(data=1, expert=1))
+
+
+def model_config(preset: str, layers: int, *, canvas: int = 256, **overrides):
+    """The ModelConfig of `train_config(...)`."""
+    from diffusion_gemma.training import setup
+
+    return setup.model_config_for(train_config(preset, layers, canvas=canvas, **overrides))
 
 
 def hf_config(config, canvas: int):
     """The transformers `DiffusionGemmaConfig` of one of our ModelConfigs (tiny vision tower, never run)."""
     from transformers import DiffusionGemmaConfig
 
-    text = config.to_hf_text_config()
+    from diffusion_gemma.checkpoints.hf_config import text_config_to_hf
+
+    text = text_config_to_hf(config)
     return DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas)
 
 
@@ -74,49 +87,20 @@ def synthetic_batch(config, *, batch: int, prompt: int, canvas: int, seed: int =
 
 
 # ------------------------------------------------------------------------------------------ the JAX train step
-def build_train_step(config, *, lora: bool, canvas: int, abstract: bool = False, seed: int = 0,
-                     lora_rank: int = 16, lora_alpha: float = 32.0, num_steps: int = 1000):
-    """The training step the trainer jits (`trainer.make_train_step`), with the trainer's optimizer, objective
-    settings (two-pass self-conditioning, AR weight 1, router frozen in full SFT) and trainable filter, on a
-    one-device mesh. Returns (jitted step, (trainable, rest, opt_state), mesh). With `abstract`, the state is
-    `jax.ShapeDtypeStruct`s only (nothing allocated): for `.lower(...).compile()`."""
+def build_train_step(config, *, abstract: bool = False):
+    """The trainer's own set-up and jitted step (`training.setup.build`, `training.step.jit_train_step`) for
+    `config` (a `train_config(...)`) on the first device. Returns (jitted step, (trainable, rest, opt_state),
+    mesh). With `abstract`, the state is `jax.ShapeDtypeStruct`s only (nothing allocated): for
+    `.lower(...).compile()`."""
     import jax
-    from flax import nnx
 
     from diffusion_gemma import sharding
-    from diffusion_gemma.objective import sft as objective
-    from diffusion_gemma.objective.corruption import CorruptionSettings
-    from diffusion_gemma.model.transformer import DiffusionGemma
-    from diffusion_gemma.training import checkpointing, lora as lora_lib, optimizer as opt_lib, trainer
+    from diffusion_gemma.training import setup, step
 
-    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, expert=1), [jax.devices()[0]])
-
-    def make_model():
-        model = DiffusionGemma(config, rngs=nnx.Rngs(seed))
-        if lora:
-            lora_lib.apply_lora(model, lora_lib.LoraConfig(rank=lora_rank, alpha=lora_alpha), nnx.Rngs(seed + 1))
-        return model
-
-    optimizer_config = opt_lib.OptimizerConfig()
-    tx = opt_lib.make_optimizer(optimizer_config, num_steps)
-    schedule = opt_lib.learning_rate_schedule(optimizer_config, num_steps)
-    settings = objective.ObjectiveSettings(block_size=canvas, corruption=CorruptionSettings(eps=1e-3),
-                                           self_conditioning_probability=0.5, ar_weight=1.0, freeze_router=not lora)
-    with jax.set_mesh(mesh):
-        if abstract:
-            model = nnx.eval_shape(make_model)
-        else:
-            model = sharding.init_sharded(make_model, mesh)
-        graphdef, trainable_state, rest_state = nnx.split(model, opt_lib.trainable_filter(lora, True), ...)
-        trainable = checkpointing.state_to_tree(trainable_state)
-        rest = checkpointing.state_to_tree(rest_state)
-        as_struct = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
-        trainable_template = jax.tree.map(as_struct, trainable_state)
-        rest_template = jax.tree.map(as_struct, rest_state)
-        opt_state = jax.eval_shape(tx.init, trainable) if abstract else jax.jit(tx.init)(trainable)
-        step_fn = jax.jit(trainer.make_train_step(graphdef, trainable_template, rest_template, tx, settings, 1,
-                                                  schedule), donate_argnums=(0, 2))
-    return step_fn, (trainable, rest, opt_state), mesh
+    mesh = sharding.make_mesh(config.mesh, [jax.devices()[0]])
+    built = setup.build(config, mesh, abstract=abstract)
+    state = built.state
+    return step.jit_train_step(built), (state.trainable, state.rest, state.opt_state), mesh
 
 
 def batch_structs(batch: dict) -> dict:
@@ -214,9 +198,9 @@ def select_grouped_matmul(name: str) -> None:
     if name == "ragged_dot":
         import jax
 
-        from diffusion_gemma.model import moe
+        from diffusion_gemma.model import moe_ops
 
-        moe.grouped_matmul = jax.lax.ragged_dot
+        moe_ops.grouped_matmul = jax.lax.ragged_dot
 
 
 def set_cpu_threads(threads: int) -> None:
@@ -256,21 +240,31 @@ def time_calls(fn: Callable[[], Any], repeats: int) -> dict[str, Any]:
     return dict(wall_s=statistics.median(wall), cpu_s=statistics.median(cpu), wall_s_all=wall, cpu_s_all=cpu)
 
 
-def write_json_atomic(path: str, payload: Any) -> None:
-    """Write to a temporary sibling, fsync, rename: a reader never sees a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def run_worker(script: str, argv: list[str], worker: str, timeout: float | None = None) -> dict[str, Any]:
+    """`python script *argv --_worker=worker --_result=FILE` in a fresh process (its own compiler state and
+    peak memory) -> the JSON it wrote, with its peak RSS (wait4), wall and CPU seconds; or, when it timed out,
+    died or failed, {"error": why}."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        began = time.perf_counter()
+        process = subprocess.Popen([sys.executable, os.path.abspath(script), *argv, f"--_worker={worker}",
+                                    f"--_result={result_path}"])
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            if timeout is not None and time.perf_counter() - began > timeout:
+                process.kill()
+                os.wait4(process.pid, 0)
+                return dict(error=f"timeout after {timeout:.0f} s")
+            time.sleep(0.2)
+        code = os.waitstatus_to_exitcode(status)
+        measured = dict(peak_rss_bytes=usage.ru_maxrss * 1024, wall_s=time.perf_counter() - began)  # KiB on Linux
+        if code != 0 or not os.path.exists(result_path):
+            reason = f"killed by signal {-code} (out of memory?)" if code < 0 else f"exit status {code}"
+            return dict(error=reason, **measured)
+        with open(result_path) as f:
+            return dict(json.load(f), **measured, cpu_s=usage.ru_utime + usage.ru_stime)
 
 
 def log(message: str) -> None:

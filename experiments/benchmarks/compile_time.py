@@ -6,7 +6,7 @@
         --param_dtype=bfloat16 --prompt=256 --canvas=256 --batch=8                     # released widths
 
 Nothing is allocated: the model and optimizer state are `jax.ShapeDtypeStruct`s (`nnx.eval_shape`), and the step
-(exactly `trainer.make_train_step`, as in train_step.py) is `jax.jit(...).lower(abstract args).compile()`d, so
+(the trainer's own, `training.step.jit_train_step`, as in train_step.py) is `.lower(abstract args).compile()`d, so
 the released widths compile on a laptop. Reported per depth and mode (full SFT, LoRA): tracing + lowering time,
 XLA compile time, their sum, the HLO size, XLA's estimate of the step's buffers, and the load average. Each depth
 runs in a fresh subprocess (no cache shared between them; the persistent compilation cache is not enabled).
@@ -18,13 +18,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from diffusion_gemma import atomic_write  # noqa: E402
 
 
 def parse_args(argv):
@@ -52,13 +51,14 @@ def worker(args, layers: int, mode: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    config = common.model_config(args.preset, layers, canvas=args.canvas, dtype=args.dtype,
-                                 param_dtype=args.param_dtype, remat=args.remat, moe_impl=args.moe_impl)
+    model_args = dict(canvas=args.canvas, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                      moe_impl=args.moe_impl)
+    config = common.model_config(args.preset, layers, **model_args)
     batch = common.batch_structs(common.synthetic_batch(config, batch=args.batch, prompt=args.prompt,
                                                         canvas=args.canvas))
     began = time.perf_counter()
-    step_fn, (trainable, rest, opt_state), mesh = common.build_train_step(config, lora=mode == "lora",
-                                                                         canvas=args.canvas, abstract=True)
+    step_fn, (trainable, rest, opt_state), mesh = common.build_train_step(
+        common.train_config(args.preset, layers, lora=mode == "lora", **model_args), abstract=True)
     build_s = time.perf_counter() - began
     load_before = common.load_average()
     with jax.set_mesh(mesh):
@@ -87,7 +87,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args._worker:
         layers, mode = args._worker.split(":")
-        common.write_json_atomic(args._result, worker(args, int(layers), mode))
+        atomic_write.write_json(args._result, worker(args, int(layers), mode), overwrite=True)
         return
     base_argv = [a for a in argv if not a.startswith(("--output", "--_worker", "--_result"))]
     rows = []
@@ -96,14 +96,8 @@ def main(argv=None):
             runs = []
             for repeat in range(args.repeats):
                 common.log(f"compile: {mode} layers={layers} ({repeat + 1}/{args.repeats})")
-                with tempfile.TemporaryDirectory() as tmp:
-                    path = os.path.join(tmp, "r.json")
-                    done = subprocess.run([sys.executable, os.path.abspath(__file__), *base_argv,
-                                           f"--_worker={layers}:{mode}", f"--_result={path}"])
-                    if done.returncode or not os.path.exists(path):
-                        runs.append(dict(layers=layers, mode=mode, error=f"exit status {done.returncode}"))
-                        continue
-                    runs.append(json.load(open(path)))
+                runs.append({"layers": layers, "mode": mode,
+                             **common.run_worker(__file__, base_argv, f"{layers}:{mode}")})
                 print(json.dumps(runs[-1]), flush=True)
             ok = [r for r in runs if "error" not in r]
             row = dict(ok[0] if ok else runs[0], repeats=runs)
@@ -125,8 +119,8 @@ def main(argv=None):
               f"{r['compile_s']:.1f} | {r['total_s']:.1f} | {r['total_cpu_s']:.1f} | {r['stablehlo_chars'] / 1e3:.0f} | "
               f"{r['load_average_before'][0]} |")
     if args.output:
-        common.write_json_atomic(args.output, dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
-                                                   environment=common.environment(), rows=rows))
+        atomic_write.write_json(args.output, dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                                                  environment=common.environment(), rows=rows), overwrite=True)
         print(f"\nwrote {args.output}")
 
 

@@ -25,6 +25,7 @@ import time
 import ml_dtypes
 import numpy as np
 
+from diffusion_gemma.checkpoints.hf_config import model_config_to_hf
 from diffusion_gemma.checkpoints.hf_keys import tensor_mappings
 from diffusion_gemma.checkpoints.safetensors_dir import (SafetensorsDir, SafetensorsWriter, entry, plan_shards,
                                                          shard_file_names, write_index)
@@ -68,7 +69,7 @@ def write_synthetic(hf_dir: str, max_shard_size: int, seed: int = 0) -> dict:
         writer.close()
     if len(shards) > 1:
         write_index(hf_dir, shards, names)
-    hf_config = config.to_hf_config()
+    hf_config = model_config_to_hf(config)
     hf_config["dtype"] = "bfloat16"
     with open(os.path.join(hf_dir, "config.json"), "w") as f:
         json.dump(hf_config, f, indent=2)

@@ -18,47 +18,45 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import tempfile
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from diffusion_gemma import atomic_write  # noqa: E402
+
+# (benchmark model of common.PRESETS, layers, widths changed on top of it)
 PRESETS = {
-    # Small enough for a 2-core CPU, with the released model's structure: canvas 256, 5 sliding : 1 full
-    # layers, MoE + dense MLP in every layer, wide vocabulary relative to the hidden size.
-    "cpu": dict(vocab_size=16384, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=64, global_head_dim=128,
-                num_global_key_value_heads=1, sliding_window=128, num_experts=8, top_k_experts=2,
-                moe_intermediate_size=128),
+    # Small enough for a 2-core CPU, with the released model's structure: 5 sliding : 1 full layers, MoE + dense
+    # MLP in every layer, wide vocabulary relative to the hidden size.
+    "cpu": ("small", 6, {}),
     # Closer to the released shape (full vocabulary) for an accelerator.
-    "gpu": dict(vocab_size=262144, hidden_size=1024, intermediate_size=2048, num_hidden_layers=12,
-                num_attention_heads=8, num_key_value_heads=4, head_dim=128, global_head_dim=256,
-                num_global_key_value_heads=2, sliding_window=1024, num_experts=32, top_k_experts=4,
-                moe_intermediate_size=512),
+    "gpu": ("released", 12, dict(hidden_size=1024, intermediate_size=2048, num_heads=8, num_kv_heads=4, head_dim=128,
+                                 global_head_dim=256, num_experts=32, top_k=4, moe_intermediate_size=512)),
 }
-TINY_VISION = dict(model_type="gemma4_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                   num_attention_heads=2, num_key_value_heads=2, head_dim=8)
 
 
-def build_checkpoint(preset: str, directory: str, canvas_length: int, seed: int) -> str:
+def build_checkpoint(preset: str, directory: str, canvas_length: int, seed: int):
+    """A random HuggingFace checkpoint of `preset` in `directory`; returns its ModelConfig."""
     import torch
-    from transformers import DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion
+    from transformers import DiffusionGemmaForBlockDiffusion
 
-    text = dict(PRESETS[preset], max_position_embeddings=8192, use_bidirectional_attention="vision")
-    config = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas_length)
+    name, layers, widths = PRESETS[preset]
+    config = common.model_config(name, layers, canvas=canvas_length, max_position_embeddings=8192, **widths)
     torch.manual_seed(seed)
-    DiffusionGemmaForBlockDiffusion(config).save_pretrained(directory)
-    return directory
+    DiffusionGemmaForBlockDiffusion(common.hf_config(config, canvas_length)).save_pretrained(directory)
+    return config
 
 
-def time_calls(fn, repeats: int) -> tuple[float, object]:
-    seconds, out = [], None
-    for _ in range(repeats):
-        began = time.perf_counter()
-        out = fn()
-        seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds), out
+def time_calls(fn, repeats: int) -> tuple[float, float, object]:
+    """(seconds of the first call, median seconds of `repeats` more, the first call's result)."""
+    began = time.perf_counter()
+    out = fn()
+    first = time.perf_counter() - began
+    return first, common.median_seconds(fn, repeats)[0], out
 
 
 def bench_ours(hf_dir: str, prompts: np.ndarray, max_new_tokens: int, steps: int, repeats: int, dtype: str):
@@ -77,10 +75,7 @@ def bench_ours(hf_dir: str, prompts: np.ndarray, max_new_tokens: int, steps: int
         result.tokens.block_until_ready()
         return result
 
-    began = time.perf_counter()
-    call()
-    warmup = time.perf_counter() - began
-    seconds, result = time_calls(call, repeats)
+    warmup, seconds, result = time_calls(call, repeats)
     return dict(seconds=seconds, warmup_seconds=warmup, steps=result.total_steps(),
                 generated=int(result.generated().size), device=str(jax.devices()[0].platform),
                 parameters=int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))))
@@ -102,10 +97,7 @@ def bench_reference(hf_dir: str, prompts: np.ndarray, max_new_tokens: int, steps
             torch.cuda.synchronize()
         return out
 
-    began = time.perf_counter()
-    call()
-    warmup = time.perf_counter() - began
-    seconds, out = time_calls(call, repeats)
+    warmup, seconds, out = time_calls(call, repeats)
     generated = out.sequences.shape[1] - prompts.shape[1]
     passes = generated / float(out.tokens_per_forward[0])  # every row runs every step (never confident)
     return dict(seconds=seconds, warmup_seconds=warmup, steps=int(round(passes)),
@@ -143,9 +135,8 @@ def main():
 
     torch_device = args.torch_device or ("cuda" if torch.cuda.is_available() else "cpu")
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_generate_")
-    hf_dir = build_checkpoint(args.preset, os.path.join(workdir, f"random_{args.preset}"), args.canvas_length,
-                              seed=0)
-    vocab = PRESETS[args.preset]["vocab_size"]
+    hf_dir = os.path.join(workdir, f"random_{args.preset}")
+    vocab = build_checkpoint(args.preset, hf_dir, args.canvas_length, seed=0).vocab_size
     rows = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         prompts = np.random.default_rng(batch).integers(3, vocab, size=(batch, args.prompt_length)).astype(np.int32)
@@ -179,8 +170,7 @@ def main():
         print(f"| {row['batch']} | {ours_ms:.1f} | {ref_ms:.1f} | {ours_tps:.1f} | {ref_tps:.1f} | "
               f"{ref_ms / ours_ms:.2f}x |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), rows=rows), f, indent=2)
+        atomic_write.write_json(args.json, dict(args=vars(args), rows=rows), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@ Variants of the library, rebuilt in-process by swapping two functions before tra
 - `segment`: + `diffusion_gemma.model.grouped_matmul` (on CPU a scan over (tile, group) segments, custom VJP).
 - `segment+flat` (the library now): + `layers.token_matmul` (the same matmuls over flattened [B*S, ...] rows).
 
-Each variant's step (exactly `trainer.make_train_step`) is compiled once; then the variants take turns, step by
-step, for `--rounds` rounds (the first is dropped), so slow phases of a shared machine hit them alike. Reported:
-median process CPU seconds per step (single-threaded XLA:CPU, so CPU time is the work), XLA's temp-buffer
-estimate, and the first losses (equal across variants up to float rounding).
+Each variant's step (the trainer's own, `training.step.jit_train_step`) is compiled once; then the variants take
+turns, step by step, for `--rounds` rounds (the first is dropped), so slow phases of a shared machine hit them
+alike. Reported: median process CPU seconds per step (single-threaded XLA:CPU, so CPU time is the work), XLA's
+temp-buffer estimate, and the first losses (equal across variants up to float rounding).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from diffusion_gemma import atomic_write  # noqa: E402
 
 VARIANTS = ("before", "segment", "segment+flat")
 
@@ -50,9 +51,9 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from diffusion_gemma.model import layers, moe
+    from diffusion_gemma.model import layers, moe_ops
 
-    library_token_matmul, library_grouped_matmul = layers.token_matmul, moe.grouped_matmul
+    library_token_matmul, library_grouped_matmul = layers.token_matmul, moe_ops.grouped_matmul
 
     def batched(x, kernel, spec):
         lhs, rest = spec.split(",")
@@ -62,14 +63,14 @@ def main(argv=None):
     swaps = {"before": (batched, jax.lax.ragged_dot), "segment": (batched, library_grouped_matmul),
              "segment+flat": (library_token_matmul, library_grouped_matmul)}
     config = common.model_config(args.preset, args.layers, canvas=args.canvas)
+    train_config = common.train_config(args.preset, args.layers, canvas=args.canvas, lora=args.mode == "lora")
     batch_np = common.synthetic_batch(config, batch=args.batch, prompt=args.prompt, canvas=args.canvas)
     names = args.variants.split(",")
     compiled = {}
     for name in names:
-        layers.token_matmul, moe.grouped_matmul = swaps[name]
+        layers.token_matmul, moe_ops.grouped_matmul = swaps[name]
         common.log(f"levers: compiling {name}")
-        step_fn, (trainable, rest, opt_state), mesh = common.build_train_step(config, lora=args.mode == "lora",
-                                                                             canvas=args.canvas)
+        step_fn, (trainable, rest, opt_state), mesh = common.build_train_step(train_config)
         with jax.set_mesh(mesh):
             batch = {k: jax.device_put(v) for k, v in batch_np.items()}
             began = time.process_time()
@@ -79,7 +80,7 @@ def main(argv=None):
         compiled[name] = dict(executable=executable, state=[trainable, opt_state], rest=rest, batch=batch, mesh=mesh,
                               temp_bytes=executable.memory_analysis().temp_size_in_bytes, compile_cpu_s=compile_cpu_s,
                               cpu_s=[], wall_s=[], losses=[])
-    layers.token_matmul, moe.grouped_matmul = library_token_matmul, library_grouped_matmul
+    layers.token_matmul, moe_ops.grouped_matmul = library_token_matmul, library_grouped_matmul
     for round_index in range(args.rounds):
         for name in names:
             entry = compiled[name]
@@ -110,7 +111,8 @@ def main(argv=None):
         print(f"| {name} | {cpu:.3f} | {base / cpu:.2f}x | {entry['temp_bytes'] / 1e6:.0f} | "
               f"{', '.join(f'{x:.5f}' for x in entry['losses'][:3])} |")
     if args.output:
-        common.write_json_atomic(args.output, dict(args=vars(args), environment=common.environment(), rows=rows))
+        atomic_write.write_json(args.output, dict(args=vars(args), environment=common.environment(), rows=rows),
+                                overwrite=True)
         print(f"\nwrote {args.output}")
 
 

@@ -24,9 +24,12 @@ import functools
 import json
 import os
 import platform
-import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from diffusion_gemma import atomic_write  # noqa: E402
 
 PRESETS = {
     "cpu": dict(tokens=32, dtype="float32", mesh="1x8", repeats=3,
@@ -34,10 +37,7 @@ PRESETS = {
     "gpu": dict(tokens=8192, dtype="bfloat16", mesh="1x-1", repeats=10,
                 variants="dense,grouped,expert_parallel,expert_parallel@1.25,expert_parallel_ragged"),
 }
-DIM, EXPERTS, TOP_K, EXPERT_DIM = 2816, 128, 8, 704  # the released per-layer shapes
-LOGICAL_AXES = dict(router_proj=("embed", "expert_logits"), router_scale=("norm",),
-                    per_expert_scale=("expert_logits",), gate_up=("expert", "embed", "expert_mlp"),
-                    down=("expert", "expert_mlp", "embed"))  # as on the model's MoE parameters
+RELEASED = common.PRESETS["released"][0]  # the library preset whose per-layer shapes are measured
 
 
 def parse_args(argv):
@@ -66,35 +66,44 @@ def main(argv=None):
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
-    from diffusion_gemma import sharding
+    from flax import nnx
+
+    from diffusion_gemma import registry, sharding
     from diffusion_gemma.model import expert_parallel, moe
 
+    config = registry.MODEL_PRESETS.get(RELEASED)()
+    DIM, EXPERTS, TOP_K, EXPERT_DIM = config.hidden_size, config.num_experts, config.top_k, config.moe_intermediate_size
+    eps, std = config.rms_norm_eps, config.initializer_range
+    # The model's own MoE parameters' logical axes, keyed by parameter name.
+    LOGICAL_AXES = {path[-1]: axes for path, axes in sharding.logical_axes(nnx.eval_shape(lambda: moe.MoE(
+        hidden_size=DIM, num_experts=EXPERTS, top_k=TOP_K, expert_dim=EXPERT_DIM, eps=eps, std=std,
+        param_dtype=jnp.float32, impl="dense", rngs=nnx.Rngs(0)))).items()}
     dtype = jnp.dtype(args.dtype)
     data, expert = (int(s) for s in args.mesh.split("x"))
     mesh = sharding.make_mesh(sharding.MeshConfig(data=data, expert=expert))
     keys = jax.random.split(jax.random.key(0), 7)
-    std = 0.02  # the model's initializer_range
     params = dict(
         router_proj=(std * jax.random.normal(keys[0], (DIM, EXPERTS))).astype(dtype),
         router_scale=(1.0 + 0.1 * jax.random.normal(keys[1], (DIM,))).astype(dtype),
         per_expert_scale=(1.0 + 0.1 * jax.random.normal(keys[2], (EXPERTS,))).astype(dtype),
-        gate_up=(std * jax.random.normal(keys[3], (EXPERTS, DIM, 2 * EXPERT_DIM))).astype(dtype),
-        down=(std * jax.random.normal(keys[4], (EXPERTS, EXPERT_DIM, DIM))).astype(dtype))
+        gate_up_proj=(std * jax.random.normal(keys[3], (EXPERTS, DIM, 2 * EXPERT_DIM))).astype(dtype),
+        down_proj=(std * jax.random.normal(keys[4], (EXPERTS, EXPERT_DIM, DIM))).astype(dtype))
     residual = jax.random.normal(keys[5], (args.tokens, DIM)).astype(dtype)
     normed = jax.random.normal(keys[6], (args.tokens, DIM)).astype(dtype)
 
     def single_device(expert_fn):
         def layer(residual, normed, p):
             weights, experts = moe.route(residual, p["router_proj"], p["router_scale"], p["per_expert_scale"],
-                                         top_k=TOP_K, eps=1e-6)
-            return expert_fn(normed, weights, experts, p["gate_up"], p["down"]), jnp.zeros((), jnp.int32)
+                                         top_k=TOP_K, eps=eps)
+            return expert_fn(normed, weights, experts, p["gate_up_proj"], p["down_proj"]), jnp.zeros((), jnp.int32)
         return layer
 
     def parallel(dispatch, capacity_factor):
         def layer(residual, normed, p):
             return expert_parallel.moe_expert_parallel(
-                residual, normed, None, p["router_proj"], p["router_scale"], p["per_expert_scale"], p["gate_up"],
-                p["down"], top_k=TOP_K, eps=1e-6, dispatch=dispatch, capacity_factor=capacity_factor)
+                residual, normed, None, p["router_proj"], p["router_scale"], p["per_expert_scale"],
+                p["gate_up_proj"], p["down_proj"], top_k=TOP_K, eps=eps, dispatch=dispatch,
+                capacity_factor=capacity_factor)
         return layer
 
     def loss(layer, residual, normed, p):
@@ -127,8 +136,8 @@ def main(argv=None):
                 continue
             compile_s = time.perf_counter() - began
             jax.block_until_ready(forward(*placed))  # compile the forward too
-            forward_s = _median_seconds(lambda: forward(*placed), args.repeats, jax)
-            backward_s = _median_seconds(lambda: compiled(*placed), args.repeats, jax)
+            forward_s = common.median_seconds(lambda: jax.block_until_ready(forward(*placed)), args.repeats)[0]
+            backward_s = common.median_seconds(lambda: jax.block_until_ready(compiled(*placed)), args.repeats)[0]
             (_, dropped), _ = compiled(*placed)
         rows.append(dict(variant=variant, devices=1 if name in ("dense", "grouped") else mesh.size,
                          compile_s=round(compile_s, 2), forward_ms=round(1e3 * forward_s, 1),
@@ -150,17 +159,7 @@ def main(argv=None):
             print(f"| {row['variant']} | {row['devices']} | {row['compile_s']} | {row['forward_ms']} | "
                   f"{row['forward_backward_ms']} | {row['dropped']} |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header, rows=rows), f, indent=2)
-
-
-def _median_seconds(fn, repeats, jax):
-    seconds = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        jax.block_until_ready(fn())
-        seconds.append(time.perf_counter() - began)
-    return statistics.median(seconds)
+        atomic_write.write_json(args.json, dict(header, rows=rows), overwrite=True)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from diffusion_gemma import atomic_write  # noqa: E402
 
 
 def parse_args(argv):
@@ -230,34 +229,18 @@ def torch_worker(args) -> dict:
                 attn_implementation=model.config._attn_implementation, rows=rows)
 
 
-def run_worker(argv, side, timeout) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "result.json")
-        try:
-            done = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, f"--_worker={side}",
-                                   f"--_result={path}"], timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return dict(side=side, error=f"timeout after {timeout:.0f} s")
-        if done.returncode or not os.path.exists(path):
-            reason = (f"killed by signal {-done.returncode} (out of memory?)" if done.returncode < 0
-                      else f"exit status {done.returncode}")
-            return dict(side=side, error=reason)
-        with open(path) as f:
-            return json.load(f)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args._worker:
         result = (jax_worker if args._worker == "jax" else torch_worker)(args)
-        common.write_json_atomic(args._result, result)
+        atomic_write.write_json(args._result, result, overwrite=True)
         return
     base_argv = [a for a in argv if not a.startswith(("--output", "--_worker", "--_result"))]
     sides = {}
     for side in args.sides.split(","):
         common.log(f"run: {side}")
-        sides[side] = run_worker(base_argv, side, args.timeout)
+        sides[side] = {"side": side, **common.run_worker(__file__, base_argv, side, args.timeout)}
     ours, reference = sides.get("jax", {}), sides.get("torch", {})
     bandwidth, source = args.bandwidth, "--bandwidth"
     if bandwidth is None:
@@ -311,10 +294,10 @@ def main(argv=None):
         if "error" in result:
             print(f"{side}: not run: {result['error']}")
     if args.output:
-        common.write_json_atomic(args.output, dict(
+        atomic_write.write_json(args.output, dict(
             args={k: v for k, v in vars(args).items() if not k.startswith("_")}, environment=common.environment(),
             bandwidth=bandwidth, bandwidth_source=source, weight_bytes=weight_bytes, floor_s=floor_s, table=table,
-            sides=sides))
+            sides=sides), overwrite=True)
         print(f"\nwrote {args.output}")
 
 

@@ -4,7 +4,7 @@
     python experiments/benchmarks/train_step.py --preset=released --layers=2,6 --prompt=256 --canvas=256 \\
         --batch=8 --dtype=bfloat16 --param_dtype=bfloat16 --output=train_step_gpu.json   # the GPU run
 
-Ours: exactly what `diffusion_gemma.training.trainer` jits (`trainer.make_train_step`): uniform-noise
+Ours: exactly what the trainer jits (`training.setup.build` + `training.step.jit_train_step`): uniform-noise
 corruption, the causal encoder pass over the clean row (+ the AR loss on its hidden states), decoder pass 1
 without gradient for self-conditioning, decoder pass 2 with gradient, cross-entropy on the selected block, then
 gradients, global-norm clipping and the AdamW update (the trainer's optimizer), with the trained set of the
@@ -34,13 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+from diffusion_gemma import atomic_write  # noqa: E402
 
 
 def parse_args(argv):
@@ -118,12 +117,14 @@ def jax_worker(args, layers: int, mode: str) -> dict:
 
     common.select_grouped_matmul(args.grouped_matmul)
     lora = mode == "lora"
-    config = common.model_config(args.preset, layers, canvas=args.canvas, dtype=args.dtype,
-                                 param_dtype=args.param_dtype, remat=args.remat, moe_impl=args.moe_impl)
+    model_args = dict(canvas=args.canvas, dtype=args.dtype, param_dtype=args.param_dtype, remat=args.remat,
+                      moe_impl=args.moe_impl)
+    config = common.model_config(args.preset, layers, **model_args)
     batch_np = common.synthetic_batch(config, batch=args.batch, prompt=args.prompt, canvas=args.canvas)
     common.log(f"jax {mode} L={layers}: building the model and the step on {jax.devices()[0]}")
     began = time.perf_counter()
-    step_fn, (trainable, rest, opt_state), mesh = common.build_train_step(config, lora=lora, canvas=args.canvas)
+    step_fn, (trainable, rest, opt_state), mesh = common.build_train_step(
+        common.train_config(args.preset, layers, lora=lora, **model_args))
     init_s = time.perf_counter() - began
     with jax.set_mesh(mesh):
         batch = {k: jax.device_put(v, jax.devices()[0]) for k, v in batch_np.items()}
@@ -319,37 +320,6 @@ def torch_worker(args, layers: int, mode: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- driver
-def run_worker(argv, side: str, layers: int, mode: str, timeout: float) -> dict:
-    """One (side, depth, mode) in a subprocess; returns its result with its peak RSS (wait4), or its error."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result_path = os.path.join(tmp, "result.json")
-        command = [sys.executable, os.path.abspath(__file__), *argv, f"--_worker={side}:{layers}:{mode}",
-                   f"--_result={result_path}"]
-        began = time.perf_counter()
-        process = subprocess.Popen(command)
-        deadline = began + timeout
-        while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() > deadline:
-                process.kill()
-                pid, status, usage = os.wait4(process.pid, 0)
-                return dict(side=side, layers=layers, mode=mode, error=f"timeout after {timeout:.0f} s")
-            time.sleep(0.2)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - began
-        peak_rss = usage.ru_maxrss * 1024  # KiB on Linux
-        if process.returncode != 0 or not os.path.exists(result_path):
-            reason = (f"killed by signal {-process.returncode} (out of memory?)" if process.returncode < 0
-                      else f"exit status {process.returncode}")
-            return dict(side=side, layers=layers, mode=mode, error=reason, peak_rss_bytes=peak_rss, wall_s=wall)
-        with open(result_path) as f:
-            result = json.load(f)
-        result.update(peak_rss_bytes=peak_rss, wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime)
-        return result
-
-
 def summarise(args, rows: list[dict]) -> dict:
     """Adds tokens/s, model FLOPs, MFU and ours/transformers speed-ups to each successful row; returns how the
     MFU denominator was chosen. Rates use wall time, except single-threaded CPU runs (--threads=1), whose rates
@@ -425,7 +395,7 @@ def main(argv=None):
         side, layers, mode = args._worker.split(":")
         worker = jax_worker if side == "jax" else torch_worker
         result = worker(args, int(layers), mode)
-        common.write_json_atomic(args._result, result)
+        atomic_write.write_json(args._result, result, overwrite=True)
         return
     base_argv = [a for a in argv if not a.startswith(("--output", "--_worker", "--_result"))]
     rows = []
@@ -433,14 +403,15 @@ def main(argv=None):
         for mode in args.modes.split(","):
             for side in args.sides.split(","):
                 common.log(f"run: {side} {mode} layers={layers}")
-                rows.append(run_worker(base_argv, side, layers, mode, args.timeout))
+                rows.append({"side": side, "layers": layers, "mode": mode, **common.run_worker(
+                    __file__, base_argv, f"{side}:{layers}:{mode}", args.timeout)})
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "losses"}), flush=True)
     peak_info = summarise(args, rows)
     print_table(args, rows, peak_info)
     if args.output:
-        common.write_json_atomic(args.output, dict(args={k: v for k, v in vars(args).items()
-                                                        if not k.startswith("_")},
-                                                   environment=common.environment(), **peak_info, rows=rows))
+        atomic_write.write_json(args.output, dict(args={k: v for k, v in vars(args).items() if not k.startswith("_")},
+                                                  environment=common.environment(), **peak_info, rows=rows),
+                                overwrite=True)
         print(f"\nwrote {args.output}")
 
 

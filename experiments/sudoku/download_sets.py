@@ -43,7 +43,7 @@ if _REPO not in sys.path:
 
 from absl import flags  # noqa: E402
 
-from diffusion_gemma import cli  # noqa: E402
+from diffusion_gemma import atomic_write, cli  # noqa: E402
 
 MANIFEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmark_sets.json")
 TIMEOUT_S = 60
@@ -147,16 +147,11 @@ def existing(dest: str, spec: dict, overwrite: bool) -> set[str]:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Written beside `path`, then renamed: a reader never sees half a file (and the umask sets the mode)."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    """Written beside `path`, then renamed: a reader never sees half a file. `existing` has already refused a
+    different file under this name unless --overwrite, so replacing is allowed here."""
+    with atomic_write.atomic_path(path, overwrite=True) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def choose(manifest: dict, names: list[str], base_url: str | None) -> list[str]:

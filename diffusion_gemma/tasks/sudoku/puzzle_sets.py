@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -21,8 +22,7 @@ class InvalidPuzzleError(ValueError):
     """A puzzle (or its listed solution) that cannot be scored fairly; the message names the file and line."""
 
 
-@dataclasses.dataclass(frozen=True)
-class InvalidPuzzle:
+class InvalidPuzzle(NamedTuple):
     """A puzzle kept under `allow_invalid`: its index in the set and `where: what is wrong`."""
 
     index: int

@@ -16,8 +16,7 @@ Overview:
   removal gets stuck at a minimal puzzle above the target, a short local search (swap one given for
   another, then remove again) digs lower; after that the grid is abandoned and a new one is tried, up to
   a bounded number of grids (:class:`GeneratorConfig`). Practical floor: :data:`MIN_GIVENS` (= 20).
-  Measured on one CPU core: 45 givens ~170-250 puzzles/s, 25 ~50-100/s, 22 ~2-5/s, 21 ~1/s, 20 ~0.1/s
-  (1-30 s each).
+  Generation slows steeply as the target nears the floor (a 20-given puzzle can take many seconds).
   19 was not reached in 4000 local-search moves per grid, and 17-19-given puzzles are far too rare
   among random grids for removal-based generation, so targets below the floor raise ``ValueError``
   at once instead of searching for hours (the public 17-clue lists serve evaluation there).
@@ -199,16 +198,21 @@ def _initial_state(cells: list[int]):
     g = [0] * 81
     rows, cols, boxes = [0] * 9, [0] * 9, [0] * 9
     for i, v in enumerate(cells):
-        if v:
-            bit = 1 << (v - 1)
-            r, c, b = _ROW[i], _COL[i], _BOX[i]
-            if (rows[r] | cols[c] | boxes[b]) & bit:
-                return None
-            g[i] = bit
-            rows[r] |= bit
-            cols[c] |= bit
-            boxes[b] |= bit
+        if v and not _place(g, rows, cols, boxes, i, 1 << (v - 1)):
+            return None
     return g, rows, cols, boxes
+
+
+def _place(g, rows, cols, boxes, i: int, bit: int) -> bool:
+    """Write digit `bit` into cell i and its row/col/box masks; False (nothing written) when a peer has it."""
+    r, c, b = _ROW[i], _COL[i], _BOX[i]
+    if (rows[r] | cols[c] | boxes[b]) & bit:
+        return False
+    g[i] = bit
+    rows[r] |= bit
+    cols[c] |= bit
+    boxes[b] |= bit
+    return True
 
 
 def _propagate(g, rows, cols, boxes, empties):
@@ -271,13 +275,8 @@ def _propagate(g, rows, cols, boxes, empties):
                     if g[i] != bit:
                         return None
                     continue
-                r, c, b = ROW[i], COL[i], BOX[i]
-                if (rows[r] | cols[c] | boxes[b]) & bit:
+                if not _place(g, rows, cols, boxes, i, bit):
                     return None
-                g[i] = bit
-                rows[r] |= bit
-                cols[c] |= bit
-                boxes[b] |= bit
                 placed = True
         if not placed:
             return cand, empties
