@@ -2,7 +2,7 @@
 evaluators and model presets.
 
 The core registers its own generic entries (the `synthetic` and `chat_jsonl` sources, the `samples` evaluator,
-the `tiny` and `gemma4_26b_a4b` presets) and never imports a task. A task is a package under
+the `tiny` and `gemma4_26b_a4b` presets, in `CORE_MODULES`) and never imports a task. A task is a package under
 `diffusion_gemma.tasks` (found by walking that package) or any module named in the `diffusion_gemma.tasks`
 entry-point group of an installed distribution; importing it registers its entries. Tasks are imported the
 first time a name is not found, so a config that names no task loads none.
@@ -19,6 +19,8 @@ import pkgutil
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 TASKS_PACKAGE = "diffusion_gemma.tasks"
+# The core modules that register the generic entries, imported (by name) before a lookup gives up.
+CORE_MODULES = ("diffusion_gemma.config", "diffusion_gemma.data.pipeline", "diffusion_gemma.training.evaluation")
 ENTRY_POINT_GROUP = "diffusion_gemma.tasks"
 
 T = TypeVar("T")
@@ -103,11 +105,14 @@ _loaded = False
 
 
 def load_tasks() -> None:
-    """Import every task once: the subpackages of `diffusion_gemma.tasks`, then the entry-point modules."""
+    """Import every registering module once: the core's own, the subpackages of `diffusion_gemma.tasks`, then
+    the entry-point modules."""
     global _loaded
     if _loaded:
         return
     _loaded = True
+    for name in CORE_MODULES:
+        importlib.import_module(name)
     package = importlib.import_module(TASKS_PACKAGE)
     for module in pkgutil.iter_modules(package.__path__, prefix=f"{TASKS_PACKAGE}."):
         importlib.import_module(module.name)

@@ -160,3 +160,21 @@ def test_a_registered_source_feeds_the_generic_pipeline():
         np.testing.assert_array_equal(ids[:, 3], ids[:, 1])
     with pytest.raises(registry.RegistryError, match="data source 'test_twice' is registered twice"):
         registry.DATA_SOURCES.register("test_twice", registry.DataSource(build=lambda config, tokenizer: None))
+
+
+def test_the_registry_alone_lists_every_name():
+    """A process that imports only the registry still sees the core's entries and the tasks'."""
+    script = ("from diffusion_gemma import registry\n"
+              "import json\n"
+              "print(json.dumps([registry.DATA_SOURCES.names(), registry.EVALUATORS.names(),"
+              " registry.MODEL_PRESETS.names()]))\n"
+              "print(registry.MODEL_PRESETS.get('tiny')().num_layers)\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+    assert result.returncode == 0, result.stderr
+    names, layers = result.stdout.strip().splitlines()
+    sources, evaluators, presets = json.loads(names)
+    assert {"chat_jsonl", "synthetic", "sudoku"} <= set(sources)
+    assert {"samples", "sudoku"} <= set(evaluators)
+    assert {"tiny", "gemma4_26b_a4b", "sudoku_small"} <= set(presets)
+    assert layers == "7"
