@@ -12,6 +12,9 @@ Variants:
   rotary, `RopeConfig.first_period(9, ...)`) trained from scratch on CPU in the compact character format
   (prompt = `<bos>` + 81 cells, canvas = the 81 solution cells) on puzzles generated on the fly from the TRAIN
   side of the split rule; evaluated during training on held-out generated puzzles.
+- `grid`: the default plus the cell geometry in the rotary of the sliding layers (`ModelConfig.grid_rope` with
+  `compact_grid_rope()`: each cell's segment, row, column and box turn their own rotary pairs). A 300-step,
+  one-seed A/B is in experiments/sudoku/README.md; the default switches only after the 3-seed run.
 - `gpu`: the `sudoku_small` preset (diffusion_gemma/tasks/sudoku/preset.py) from scratch, the same data, sized for about one accelerator-hour.
 - `finetune`: Hackable Diffusion's `sft_sudoku` LoRA recipe for the released 26B checkpoint (rank 8 on all
   linear layers, one 256-token canvas, 2,000 steps, lr 1.5e-4 with 100 warm-up steps and cosine to 1.5e-5,
@@ -30,9 +33,10 @@ import dataclasses
 import ml_collections
 
 from diffusion_gemma.config import RopeConfig
+from diffusion_gemma.tasks.sudoku.preset import compact_grid_rope
 from diffusion_gemma.training import lora as lora_targets
 
-VARIANTS = ("", "gpu", "finetune", "finetune_tiny")
+VARIANTS = ("", "grid", "gpu", "finetune", "finetune_tiny")
 # LoRA on every linear layer: attention, dense MLP, router, self-conditioning MLP and the experts (grouped per
 # expert, sharded with them).
 ALL_LINEAR = lora_targets.ALL_LINEAR_TARGETS + lora_targets.EXPERTS
@@ -62,14 +66,16 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                              max_denoising_steps=64, greedy=True, acceptance="confidence", accept_confidence=0.95,
                              options=dict(min_givens=40, max_givens=60))
 
-    if variant == "":
+    if variant in ("", "grid"):
         config.num_steps = 800
         config.evaluation.every_steps = 400
         config.log_every = 25
         # Full layers: every dim rotated, first period one Sudoku row (9 cells); measured in the README's A/B.
         row_rope = dataclasses.asdict(RopeConfig.first_period(9, 32))  # tiny's global head dim
-        _compact(config, preset="tiny", overrides={"vocab_size": 16, "canvas_length": 81, "sliding_window": 256,
-                                                    "rope_global": row_rope})
+        overrides = {"vocab_size": 16, "canvas_length": 81, "sliding_window": 256, "rope_global": row_rope}
+        if variant == "grid":  # the cell geometry on the sliding layers (experiments/sudoku/README.md)
+            overrides["grid_rope"] = dataclasses.asdict(compact_grid_rope())
+        _compact(config, preset="tiny", overrides=overrides)
         config.optimizer = dict(learning_rate=3e-3, end_learning_rate=3e-4, warmup_steps=50, b1=0.95, b2=0.99,
                                 eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
     elif variant == "gpu":

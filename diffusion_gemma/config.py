@@ -53,6 +53,102 @@ DEFAULT_ROPE_LOCAL = RopeConfig(rope_type="default", theta=10_000.0)
 DEFAULT_ROPE_GLOBAL = RopeConfig(rope_type="proportional", theta=1_000_000.0, partial_rotary_factor=0.25)
 
 
+GRID_AXES = ("position", "segment", "row", "col", "block")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GridRope:
+    """Cell geometry through the rotary, for sequences laid out as [prefix ; grid ; grid ; ...] with each grid's
+    `rows x cols` cells row-major (e.g. a prompt grid followed by the answer grid on the canvas).
+
+    A token's coordinates are a function of its 1-D position p alone, so every API keeps taking positions:
+    prefix tokens (p < prefix_length) are segment 0 with row = col = block = 0; from there on, with
+    c = p - prefix_length, cell = c mod (rows * cols), segment = 1 + c // (rows * cols), row and col the cell's,
+    block the index of its `block_rows x block_cols` sub-rectangle (row-major). Position is p itself.
+
+    On the layers whose type is in `layer_types`, a head's rotary pairs are split among GRID_AXES in proportion
+    to the `*_share` fields (contiguous groups in that order) and each group turns with its own coordinate, so
+    q.k depends only on the coordinate differences: "same row / column / block" and "the same cell one grid
+    back" are fixed relative rotations, not something the model must infer from absolute positions. The k
+    pairs of an axis with period P (segments, rows, cols, number of blocks) turn by 2 pi j / P per unit,
+    j = 1..k: harmonics of one turn over the axis, so an offset of 0 is the only one (within the axis) that
+    rotates no pair. The position group uses the layer's own `RopeConfig` frequencies over its 2k dims.
+    Layers of other types keep their 1-D rotary. No parameters are added.
+    """
+
+    prefix_length: int
+    rows: int
+    cols: int
+    block_rows: int
+    block_cols: int
+    segments: int = 3
+    layer_types: tuple[str, ...] = (SLIDING,)
+    position_share: int = 0
+    segment_share: int = 1
+    row_share: int = 1
+    col_share: int = 1
+    block_share: int = 1
+
+    @property
+    def shares(self) -> tuple[int, ...]:
+        """The pair shares in GRID_AXES order."""
+        return tuple(getattr(self, f"{axis}_share") for axis in GRID_AXES)
+
+    @property
+    def cells(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def num_blocks(self) -> int:
+        return (self.rows // self.block_rows) * (self.cols // self.block_cols)
+
+    def periods(self) -> dict[str, int]:
+        """The period of each axis but position: its number of distinct coordinates."""
+        return {"segment": self.segments, "row": self.rows, "col": self.cols, "block": self.num_blocks}
+
+    def pairs(self, head_dim: int) -> tuple[int, ...]:
+        """Rotary pairs of each axis (GRID_AXES order) for a head of `head_dim` dims (validated to divide)."""
+        total = sum(self.shares)
+        return tuple(share * (head_dim // 2) // total for share in self.shares)
+
+    def validate(self, where: str = "GridRope") -> None:
+        for name in ("rows", "cols", "block_rows", "block_cols", "segments"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{where}.{name} must be a positive integer, got {value!r}")
+        for name in ("prefix_length",) + tuple(f"{axis}_share" for axis in GRID_AXES):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{where}.{name} must be a non-negative integer, got {value!r}")
+        for name, size in (("block_rows", "rows"), ("block_cols", "cols")):
+            if getattr(self, size) % getattr(self, name):
+                raise ConfigError(f"{where}.{name} = {getattr(self, name)} must divide {size} = "
+                                  f"{getattr(self, size)}")
+        if not sum(self.shares):
+            raise ConfigError(f"{where}: every *_share is 0; give at least one axis rotary pairs")
+        if not isinstance(self.layer_types, tuple) or not self.layer_types:
+            raise ConfigError(f"{where}.layer_types must be a non-empty tuple of {LAYER_TYPES}, got "
+                              f"{self.layer_types!r}")
+        for layer_type in self.layer_types:
+            if layer_type not in LAYER_TYPES:
+                raise ConfigError(f"{where}.layer_types has {layer_type!r}; expected some of {LAYER_TYPES}")
+
+    @classmethod
+    def from_mapping(cls, value: Mapping, where: str) -> "GridRope":
+        """A plain dict (config files, model_config.json) -> GridRope; unknown keys name the field."""
+        unknown = sorted(set(value) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid: "
+                              f"{sorted(f.name for f in dataclasses.fields(cls))}")
+        value = dict(value)
+        if isinstance(value.get("layer_types"), list):
+            value["layer_types"] = tuple(value["layer_types"])
+        try:
+            return cls(**value)
+        except TypeError as err:  # a required field left out
+            raise ConfigError(f"{where}: {err}") from None
+
+
 def default_layer_types(num_layers: int) -> tuple[str, ...]:
     """transformers' default pattern: every sixth layer full, the others sliding, and the last layer full."""
     if num_layers <= 0:
@@ -102,6 +198,8 @@ class ModelConfig:
     # Activation checkpointing of each scanned layer group: "none", "full" (save nothing), "dots" (save matmul
     # outputs) or "dots_no_batch" (save matmul outputs without batch dims).
     remat: str = "none"
+    # Cell geometry in the rotary of some layer types (GridRope); None = the 1-D rotary everywhere.
+    grid_rope: GridRope | None = None
 
     def __post_init__(self):
         # Config files (ml-collections) can only carry plain dicts; turn them into RopeConfig here.
@@ -112,6 +210,8 @@ class ModelConfig:
                 if unknown:
                     raise ConfigError(f"ModelConfig.{name}: unknown field(s) {unknown}")
                 object.__setattr__(self, name, RopeConfig(**value))
+        if isinstance(self.grid_rope, Mapping):
+            object.__setattr__(self, "grid_rope", GridRope.from_mapping(self.grid_rope, "ModelConfig.grid_rope"))
         self.validate()
 
     # ----------------------------------------------------------------------------------------------- validation
@@ -186,6 +286,25 @@ class ModelConfig:
             if self.moe_impl != "expert_parallel":
                 raise ConfigError(f"ModelConfig.moe_capacity_factor applies only to moe_impl 'expert_parallel' "
                                   f"(the other implementations are dropless), got moe_impl {self.moe_impl!r}")
+        if self.grid_rope is not None:
+            self._validate_grid_rope()
+
+    def _validate_grid_rope(self) -> None:
+        grid, where = self.grid_rope, "ModelConfig.grid_rope"
+        if not isinstance(grid, GridRope):
+            raise ConfigError(f"{where} must be a GridRope, a dict of its fields or None, got "
+                              f"{type(grid).__name__}")
+        grid.validate(where)
+        layers = [i for i, layer_type in enumerate(self.layer_types) if layer_type in grid.layer_types]
+        if not layers:
+            raise ConfigError(f"{where}.layer_types = {grid.layer_types} matches no layer of layer_types")
+        total = sum(grid.shares)
+        for i in layers:
+            pairs = self.layer_head_dims[i] // 2
+            if pairs % total:
+                shares = ", ".join(f"{axis} {share}" for axis, share in zip(GRID_AXES, grid.shares))
+                raise ConfigError(f"{where}: layer_head_dims[{i}] = {self.layer_head_dims[i]} has {pairs} rotary "
+                                  f"pairs, not a multiple of the shares' total {total} ({shares})")
 
     # -------------------------------------------------------------------------------------------- derived values
     @property
@@ -198,6 +317,11 @@ class ModelConfig:
 
     def rope_for(self, layer_type: str) -> RopeConfig:
         return self.rope_global if layer_type == FULL else self.rope_local
+
+    def grid_rope_for(self, layer_type: str) -> GridRope | None:
+        """The cell geometry the rotary of this layer type uses, None for the plain 1-D rotary."""
+        grid = self.grid_rope
+        return grid if grid is not None and layer_type in grid.layer_types else None
 
     @property
     def layer_specs(self) -> tuple[tuple[str, int, int], ...]:

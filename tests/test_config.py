@@ -12,7 +12,7 @@ from flax import nnx
 from diffusion_gemma import registry
 from diffusion_gemma.checkpoints.hf_config import (model_config_from_hf, model_config_from_hf_dir, model_config_to_hf,
                                                   text_config_to_hf)
-from diffusion_gemma.config import FULL, SLIDING, ConfigError, ModelConfig, RopeConfig
+from diffusion_gemma.config import FULL, SLIDING, ConfigError, GridRope, ModelConfig, RopeConfig
 from diffusion_gemma.model.layers import rope_inv_freq
 from diffusion_gemma.model.transformer import DiffusionGemma
 
@@ -154,6 +154,11 @@ def test_hf_config_errors_name_file_and_field(tmp_path):
 def test_json_round_trip_of_our_own_config():
     config = ModelConfig.gemma4_26b_a4b(dtype="bfloat16")
     assert ModelConfig.from_json(config.to_json()) == config
+    assert json.loads(config.to_json())["grid_rope"] is None
+    grid = GridRope(prefix_length=4, rows=2, cols=8, block_rows=2, block_cols=4, layer_types=(SLIDING, FULL),
+                    position_share=1, segment_share=0)
+    with_grid = ModelConfig.tiny(grid_rope=grid)
+    assert ModelConfig.from_json(with_grid.to_json()) == with_grid and with_grid.grid_rope == grid
     with pytest.raises(ConfigError, match="hidden_sise"):
         ModelConfig.from_json(json.dumps({"hidden_sise": 3}))
 

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="builds the checkpoint with transfor
 pytest.importorskip("transformers", reason="builds the checkpoint with transformers (pip install -e .[dev])")
 
 from diffusion_gemma import generate as cli  # noqa: E402
+from diffusion_gemma.cli import UsageError  # noqa: E402
 from diffusion_gemma.data.tokenizer import load_tokenizer  # noqa: E402
 from diffusion_gemma.checkpoints import loading  # noqa: E402
 from cli_runs import run_flag_main  # noqa: E402
@@ -106,11 +107,76 @@ def test_step_display(hf_dir, capsys):
 
 def test_read_prompts(tmp_path):
     path = tmp_path / "prompts.jsonl"
-    path.write_text('"plain string"\n\n{"prompt": "an object", "id": 3}\n')
-    assert cli.read_prompts(str(path)) == ["plain string", "an object"]
+    path.write_text('"plain string"\n\n{"prompt": "an object", "id": 3, "template": "a _ b"}\n')
+    lines = cli.read_prompts(str(path))
+    assert [(line.prompt, line.template) for line in lines] == [("plain string", None), ("an object", "a _ b")]
+    assert lines[1].where == f"{path}:3"
     path.write_text('{"text": "wrong field"}\n')
     with pytest.raises(ValueError, match=":1: expected"):
         cli.read_prompts(str(path))
+    path.write_text('{"prompt": "p", "template": 3}\n')
+    with pytest.raises(ValueError, match=":1: 'template' must be a string"):
+        cli.read_prompts(str(path))
+
+
+# ------------------------------------------------------------------------------------- templates (infilling)
+def test_parse_template_gives_one_unknown_token_per_blank(hf_dir):
+    tokenizer = load_tokenizer(hf_dir)
+    clamp = cli.parse_template(tokenizer, "sky_is__blue", blank="_")
+    sky, is_, blue = (tokenizer.encode(piece) for piece in ("sky", "is", "blue"))
+    assert list(clamp.known) == [True] * len(sky) + [False] + [True] * len(is_) + [False] * 2 + [True] * len(blue)
+    assert [i for i, k in zip(clamp.ids, clamp.known) if k] == sky + is_ + blue
+    assert cli.parse_template(tokenizer, "a<?>b", blank="<?>").known == (True, False, True)
+    for template, message in (("___", "no known text"), ("x" * 20 + "_", "21 tokens long .* max_new_tokens = 16")):
+        with pytest.raises(ValueError, match=message):
+            cli.parse_template(tokenizer, template, max_new_tokens=16)
+    ids, mask = cli.clamp_arrays([clamp, None], 16)
+    assert mask[1].sum() == 0 and mask[0].sum() == sum(clamp.known) and ids[0, 0] == sky[0]
+
+
+def test_answers_follow_their_templates(hf_dir):
+    loaded = loading.load(hf_dir=hf_dir)
+    tokenizer = load_tokenizer(hf_dir)
+    templates = ["blue__ because_", None]
+    answers = cli.answer_prompts(loaded.model, tokenizer, PROMPTS, loaded.sampler_config(), chat=True,
+                                 batch_size=2, templates=templates)
+    blue, because = tokenizer.encode("blue"), tokenizer.encode(" because")
+    first = answers[0].token_ids
+    # Known tokens first: nothing (no EOS, no pad) can come before them, so they open the answer.
+    assert first[: len(blue)] == blue and len(first) >= len(blue) + 2 + len(because)
+    assert _is_subsequence(because, first[len(blue):])
+    assert answers[0].template == templates[0] and answers[1].template is None
+    plain = cli.answer_prompts(loaded.model, tokenizer, PROMPTS, loaded.sampler_config(), chat=True, batch_size=2)
+    assert plain[1].token_ids == answers[1].token_ids  # a row without a template is generated as before
+    assert plain[0].token_ids[: len(blue)] != blue
+
+
+def _is_subsequence(part, whole):
+    it = iter(whole)
+    return all(token in it for token in part)
+
+
+def test_main_with_a_template(hf_dir, tmp_path, capsys):
+    output = tmp_path / "answer.jsonl"
+    run_flag_main(cli.main, ["generate", f"--hf_dir={hf_dir}", "--prompt=why is the sky blue", "--chat",
+                             "--template=it is+++", "--blank=+", f"--output={output}"])
+    record = json.loads(output.read_text())
+    known = load_tokenizer(hf_dir).encode("it is")
+    assert record["template"] == "it is+++" and record["token_ids"][: len(known)] == known
+    assert "tokens per forward" in capsys.readouterr().out
+
+
+def test_template_mistakes_are_one_line_usage_errors(hf_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"prompt": "hi", "template": "z" * 30}) + "\n")
+    cases = [([f"--prompts_file={prompts_file}", "--template=a_"], "--template goes with --prompt"),
+             (["--prompt=hi", "--template=a_", "--blank="], "--blank must not be empty"),
+             (["--prompt=hi", "--template=__"], "--template: '__' has no known text"),
+             (["--prompt=hi", "--template=" + "y" * 20], "--template: 'y+' is 20 tokens long .* max_new_tokens = 16"),
+             ([f"--prompts_file={prompts_file}"], f"{prompts_file}:1: template: 'z+' is 30 tokens long")]
+    for flags_given, message in cases:
+        with pytest.raises(UsageError, match=message):
+            run_flag_main(cli.main, ["generate", f"--hf_dir={hf_dir}", *flags_given])
 
 
 def test_main_batch_mode_prints_and_writes_answers(hf_dir, tmp_path, capsys):
@@ -133,3 +199,9 @@ def test_usage_errors_exit_before_loading(hf_dir):
     result = subprocess.run([sys.executable, "-m", "diffusion_gemma.generate", f"--hf_dir={hf_dir}"], cwd=root,
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "exactly one of --prompt and --prompts_file" in result.stderr
+    too_long = subprocess.run([sys.executable, "-m", "diffusion_gemma.generate", f"--hf_dir={hf_dir}", "--prompt=hi",
+                               "--template=" + "x" * 20 + "_"], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=300)
+    lines = too_long.stderr.strip().splitlines()
+    assert too_long.returncode == 2 and "Traceback" not in too_long.stderr, too_long.stderr
+    assert lines[-1].startswith("generate: usage error: --template: ") and "21 tokens long" in lines[-1]

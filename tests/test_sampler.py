@@ -260,12 +260,12 @@ def test_all_accepting_limits_of_the_three_rules_agree(models, prompts):
     np.testing.assert_array_equal(results[0], results[2])
 
 
-@pytest.mark.parametrize("acceptance", ["top_k", "confidence"])
+@pytest.mark.parametrize("acceptance", ["top_k", "confidence", "margin"])
 def test_top_k_and_confidence_accept_what_they_promise(models, prompts, acceptance):
     _, model = models
     config = ONE_BLOCK.replace(t_min=0.4, t_max=0.8, acceptance=acceptance, accept_top_k=3, accept_confidence=0.5)
     result = RECORDER.run(model, prompts, jax.random.key(5), config)
-    assert len(RECORDER.steps) == result.total_steps() > 1
+    assert result.total_steps() == len(RECORDER.steps) > 1  # the result first: its callbacks have all run then
     for event in RECORDER.steps:
         counts = event.accepted.sum(-1)
         if acceptance == "top_k":
@@ -280,6 +280,7 @@ def test_switching_strategies_reuses_the_compiled_program(models, prompts):
     generate(model, *prompts, jax.random.key(0), THREE_BLOCKS)
     compiled = sampler_lib._generate_jit._cache_size()
     for changes in (dict(acceptance="top_k", greedy=True), dict(acceptance="confidence", early_stop=False),
+                    dict(acceptance="margin", accept_margin=0.5),
                     dict(stability_threshold=0, eos_token_ids=(3, 4, 5), pad_token_id=None, t_min=0.1)):
         generate(model, *prompts, jax.random.key(0), THREE_BLOCKS.replace(**changes))
     assert sampler_lib._generate_jit._cache_size() == compiled

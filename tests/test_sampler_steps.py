@@ -160,6 +160,88 @@ def test_confidence_and_top_k_acceptance():
     assert np.asarray(steps.top_k_acceptance(confidence, 4)).all()
 
 
+def test_top_two_margin_on_hand_made_probabilities():
+    probs = jnp.asarray([[[0.5, 0.45, 0.05, 0.0], [0.5, 0.05, 0.05, 0.4], [0.0, 0.0, 1.0, 0.0],
+                          [0.3, 0.1, 0.3, 0.3], [0.25, 0.25, 0.25, 0.25]]])
+    np.testing.assert_allclose(np.asarray(steps.top_two_margin(probs)), [[0.05, 0.1, 1.0, 0.0, 0.0]], atol=1e-7)
+    rng = np.random.default_rng(6)
+    random = jax.nn.softmax(jnp.asarray(rng.normal(size=(3, 7, 50)) * 4, jnp.float32), axis=-1)
+    ranked = -np.sort(-np.asarray(random), axis=-1)
+    np.testing.assert_array_equal(np.asarray(jax.jit(steps.top_two_margin)(random)), ranked[..., 0] - ranked[..., 1])
+
+
+def test_margin_acceptance_threshold_edge_and_ties():
+    margin = jnp.asarray([[0.5, 0.2, 0.5, 0.49999997],      # margins equal to the threshold are accepted
+                          [0.1, 0.3, 0.3, 0.05],             # none reaches it: only the first largest
+                          [0.3, 0.3, 0.3, 0.3],              # all tied below it: the first one alone
+                          [1.0, 1.0, 1.0, 1.0]],             # every position already certain: all of them
+                         jnp.float32)
+    np.testing.assert_array_equal(np.asarray(jax.jit(steps.margin_acceptance)(margin, 0.5)),
+                                  [[True, False, True, False], [False, True, False, False],
+                                   [True, False, False, False], [True, True, True, True]])
+    # Threshold 1: strict largest-first order, one position per step unless several are exactly one-hot.
+    strict = np.asarray(steps.margin_acceptance(margin, 1.0))
+    np.testing.assert_array_equal(strict.sum(-1), [1, 1, 1, 4])
+    assert strict[0, 0] and strict[1, 1]
+
+
+def test_every_rule_accepts_at_least_one_position_per_row():
+    """The entropy bound (its lowest-entropy position), confidence (its most confident), top-k (k >= 1) and the
+    margin rule (its largest margin) all make progress at every step, whatever the threshold."""
+    rng = np.random.default_rng(7)
+    for scale in (0.1, 3.0, 50.0):
+        logits = jnp.asarray(rng.normal(size=(4, 16, 11)) * scale, jnp.float32)
+        probs = jax.nn.softmax(logits, axis=-1)
+        confidence = jnp.max(probs, axis=-1)
+        margin = steps.top_two_margin(probs)
+        for accepted in (steps.entropy_bound_acceptance(steps.token_entropy(logits), 1e-9),
+                         steps.confidence_acceptance(confidence, 1.0), steps.top_k_acceptance(confidence, 1),
+                         steps.margin_acceptance(margin, 1.0), steps.margin_acceptance(margin, 0.2)):
+            assert np.asarray(accepted).sum(-1).min() >= 1
+    ties = jnp.zeros((2, 5), jnp.float32)  # a uniform distribution everywhere: every margin 0
+    assert np.asarray(steps.margin_acceptance(ties, 0.5)).sum(-1).tolist() == [1, 1]
+
+
+def test_the_sampler_step_dispatches_the_margin_rule():
+    """`acceptance="margin"` in the jitted step keeps exactly the positions `margin_acceptance` picks from the
+    temperature-scaled probabilities; the other rules are unaffected by accept_margin."""
+    from diffusion_gemma.sampling import sampler as sampler_lib
+
+    rng = np.random.default_rng(8)
+    logits = jnp.asarray(rng.normal(size=(2, 12, 9)) * 3, jnp.float32)
+    uniform = jnp.asarray(rng.uniform(size=(2, 12)), jnp.float32)
+    renoise = jnp.full((2, 12), -1, jnp.int32)
+    step = jax.jit(sampler_lib._step_math)
+
+    def accepted(**changes):
+        config = sampler_lib.SamplerConfig(max_denoising_steps=4, **changes)
+        _, knobs = sampler_lib._plan_and_knobs(config, canvas_length=12)
+        knobs = dict(knobs, temperatures_now=knobs["temperatures"][1])
+        return np.asarray(step(logits, uniform, renoise, knobs)[2]), knobs
+
+    for threshold in (0.05, 0.4, 1.0):
+        ours, knobs = accepted(acceptance="margin", accept_margin=threshold)
+        probs = jax.nn.softmax(steps.apply_temperature(logits, knobs["temperatures_now"]), axis=-1)
+        expected = np.asarray(steps.margin_acceptance(steps.top_two_margin(probs), threshold))
+        np.testing.assert_array_equal(ours, expected)
+    assert 0 < accepted(acceptance="margin", accept_margin=0.4)[0].sum() < logits.shape[0] * logits.shape[1]
+    np.testing.assert_array_equal(accepted(accept_margin=0.1)[0], accepted(accept_margin=1.0)[0])
+
+
+def test_margin_rule_settings():
+    from diffusion_gemma.sampling.sampler import ACCEPTANCE_RULES, SamplerConfig
+
+    assert "margin" in ACCEPTANCE_RULES and SamplerConfig().acceptance == "entropy_bound"
+    config = SamplerConfig.from_generation_config({"max_denoising_steps": 12}, acceptance="margin",
+                                                  accept_margin=0.7)
+    assert (config.acceptance, config.accept_margin, config.max_denoising_steps) == ("margin", 0.7, 12)
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="accept_margin"):
+            SamplerConfig(acceptance="margin", accept_margin=bad)
+    with pytest.raises(ValueError, match="acceptance"):
+        SamplerConfig(acceptance="top_margin")
+
+
 def test_tokens_per_forward():
     generated = np.array([[4, 5, 0, 0], [4, 5, 6, 7]])
     np.testing.assert_allclose(steps.tokens_per_forward(generated, np.array([4, 2]), 0), [0.5, 2.0])

@@ -487,3 +487,83 @@ def test_load_puzzles_skips_comments_and_reports_file_and_line(tmp_path, puzzle_
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing\n")
     assert S.load_puzzles(empty).shape == (0, 9, 9)
+
+
+# ---------------------------------------------------------------------------------------------- training source
+
+
+def _todays_puzzle(seed: int, index: int, min_givens: int, max_givens: int):
+    """The training source's rule before the pool, augmentation and curriculum options existed."""
+    rng = np.random.default_rng([seed, index])
+    givens = int(rng.integers(min_givens, max_givens + 1))
+    while True:
+        puzzle, solution = S.generate_puzzle(rng, givens)
+        if S.solution_split(solution) == "train":
+            return puzzle, solution
+
+
+def _sudoku_data(**options):
+    from diffusion_gemma.data.pipeline import DataConfig
+
+    return DataConfig(source="sudoku", seq_length=163, block_size=81, global_batch_size=4, shuffle_seed=3,
+                      num_synthetic_examples=100, options={"min_givens": 35, "max_givens": 60, **options})
+
+
+def test_source_with_the_new_options_off_generates_todays_examples():
+    from diffusion_gemma.data.pipeline import make_source
+
+    default = make_source(_sudoku_data())
+    off = make_source(_sudoku_data(pool_per_givens=0, pool_workers=2, augment=False, curriculum=()))
+    assert default.base_pool is None and not default.augmented and not default.curriculum
+    for index in (0, 1, 7, 99):
+        want_puzzle, want_solution = _todays_puzzle(3, index, 35, 60)
+        for source in (default, off):
+            puzzle, solution = source.puzzle(index)
+            np.testing.assert_array_equal(puzzle, want_puzzle)
+            np.testing.assert_array_equal(solution, want_solution)
+        np.testing.assert_array_equal(default[index].tokens, off[index].tokens)
+
+
+def test_curriculum_stage_follows_the_example_index():
+    from diffusion_gemma.tasks.sudoku.source import SudokuSource
+
+    stages = ((0, 50, 55), (0.3, 40, 45), (0.7, 30, 32))
+    source = SudokuSource(num_examples=100, seed=0, min_givens=35, max_givens=60, seq_length=163, block_size=81,
+                          curriculum=[list(stage) for stage in stages])  # lists, as a config file gives them
+    assert source.stream_ordered and not SudokuSource(num_examples=100, seed=0, min_givens=35, max_givens=60,
+                                                      seq_length=163, block_size=81).stream_ordered
+    expected = {0: (50, 55), 29: (50, 55), 30: (40, 45), 69: (40, 45), 70: (30, 32), 99: (30, 32), 250: (30, 32)}
+    assert {index: source.givens_range(index) for index in expected} == expected
+    for index in (0, 29, 30, 55, 70, 99, 250):
+        low, high = expected.get(index, (40, 45))
+        puzzle, solution = source.puzzle(index)
+        assert low <= S.num_givens(puzzle) <= high
+        assert S.solution_split(solution) == "train" and S.count_solutions(puzzle) == 1
+
+
+def test_source_options_errors_name_the_key():
+    from diffusion_gemma.registry import RegistryError
+    from diffusion_gemma.tasks.sudoku.source import SudokuDataOptions
+
+    options = SudokuDataOptions(curriculum=[[0, 45, 60], [0.5, 22, 60]], pool_per_givens=2)
+    assert options.curriculum == ((0.0, 45, 60), (0.5, 22, 60)) and options.givens_range == (22, 60)
+    assert SudokuDataOptions(min_givens=33, max_givens=44).givens_range == (33, 44)
+    bad = [
+        (dict(curriculum=[(0.1, 40, 50)]), r"curriculum\[0\] starts at 0.1"),
+        (dict(curriculum=[(0, 40, 50), (0.5, 30, 50), (0.5, 20, 50)]), r"curriculum\[2\] starts at 0.5"),
+        (dict(curriculum=[(0, 40, 50), (1.0, 30, 50)]), r"curriculum\[1\] starts at 1.0"),
+        (dict(curriculum=[(0, 19, 50)]), r"curriculum\[0\] = \(0, 19, 50\): need 20 <= min_givens"),
+        (dict(curriculum=[(0, 50, 40)]), r"curriculum\[0\] = \(0, 50, 40\)"),
+        (dict(curriculum=[(0, 40)]), r"curriculum\[0\] = \(0, 40\): expected \(start, min_givens, max_givens\)"),
+        (dict(curriculum=[(0, 40.5, 50)]), r"givens must be integers"),
+        (dict(pool_per_givens=-1), "pool_per_givens and pool_workers must be >= 0"),
+        (dict(pool_workers=-2), "pool_per_givens and pool_workers must be >= 0"),
+        (dict(pool_per_givens=5, min_givens=18), r"a pool needs givens >= 20 \(the generator's floor\), got 18"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ValueError, match=message):
+            SudokuDataOptions(**options)
+    with pytest.raises(RegistryError, match=r"data.options: curriculum\[0\] starts at 0.2"):
+        _sudoku_data(curriculum=[(0.2, 40, 50)])
+    with pytest.raises(RegistryError, match=r"data.options.pool_size"):
+        _sudoku_data(pool_size=3)

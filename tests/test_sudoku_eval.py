@@ -590,3 +590,180 @@ def test_committed_checkpoint_reproduces_its_recorded_evaluation():
     blank_sd = max(recorded["blank_cell_accuracy_stdev"], 0.005)
     assert abs(report["blank_cell_accuracy"] - recorded["blank_cell_accuracy_mean"]) <= 3 * blank_sd, report
     assert report["givens_preserved_rate"] == 1.0
+
+
+# ----------------------------------------------------------------------------- rule-checked best of N
+def _broken(solution, puzzle):
+    """`solution` with one blank cell changed to another digit: complete, givens kept, breaks a rule."""
+    board = solution.copy()
+    row, col = np.argwhere(puzzle == 0)[0]
+    board[row, col] = board[row, col] % 9 + 1
+    return board
+
+
+def _with_blanks(solution, puzzle, count):
+    board = solution.copy()
+    for row, col in np.argwhere(puzzle == 0)[:count]:
+        board[row, col] = 0
+    return board
+
+
+def test_best_of_keeps_the_first_answer_that_follows_the_rules(graded_pairs):
+    """Puzzle 0 is right at once (never retried); puzzle 1 breaks a rule, then is right; puzzle 2 never follows
+    the rules and keeps its attempt with the fewest problems. Forwards add up over every attempt made."""
+    puzzles = np.stack([p for p, _ in graded_pairs])
+    solutions = np.stack([s for _, s in graded_pairs])
+    changed = solutions[2].copy()
+    given = tuple(np.argwhere(puzzles[2])[0])
+    changed[given] = changed[given] % 9 + 1  # a changed given, clashing in its units too
+    plan = {1: [solutions[1], _broken(solutions[2], puzzles[2])],
+            2: [_with_blanks(solutions[2], puzzles[2], 1)],
+            3: [_with_blanks(solutions[2], puzzles[2], 5)]}
+    calls = []
+
+    def retry(subset, attempt):
+        calls.append((attempt, len(subset)))
+        boards = plan[attempt]
+        assert len(subset) == len(boards)
+        return sudoku_eval.Answers(np.stack(boards), np.full(len(boards), 8.0 * attempt),
+                                   np.full(len(boards), 2.0, np.float32))
+
+    first = sudoku_eval.Answers(np.stack([solutions[0], _broken(solutions[1], puzzles[1]), changed]),
+                                np.array([4.0, 4.0, 4.0]), np.array([10.0, 10.0, 10.0], np.float32))
+    chosen = sudoku_eval.best_of(puzzles, first, retry, max_attempts=4)
+    assert calls == [(1, 2), (2, 1), (3, 1)]  # only the puzzles still breaking a rule are solved again
+    np.testing.assert_array_equal(chosen.answers.boards[:2], solutions[:2])
+    np.testing.assert_array_equal(chosen.answers.boards[2], _with_blanks(solutions[2], puzzles[2], 1))
+    assert chosen.attempts.tolist() == [1, 2, 4]
+    np.testing.assert_allclose(chosen.answers.forwards, [4, 4 + 8, 4 + 8 + 16 + 24])
+    np.testing.assert_allclose(chosen.answers.tokens_per_forward[1], (40 + 16) / 12)
+    assert [sudoku_eval.follows_rules(p, b) for p, b in zip(puzzles, chosen.answers.boards)] == [True, True, False]
+    # One attempt: the first answers as they are.
+    single = sudoku_eval.best_of(puzzles, first, retry, max_attempts=1)
+    np.testing.assert_array_equal(single.answers.boards, first.boards)
+    assert single.attempts.tolist() == [1, 1, 1] and len(calls) == 3
+    with pytest.raises(ValueError, match="max_attempts"):
+        sudoku_eval.best_of(puzzles, first, retry, max_attempts=0)
+
+
+def test_rule_problems_count_clashes_changed_givens_and_blanks(graded_pairs):
+    puzzle, solution = graded_pairs[1]
+    assert sudoku_eval.rule_problems(puzzle, solution) == 0 and sudoku_eval.follows_rules(puzzle, solution)
+    assert sudoku_eval.rule_problems(puzzle, _with_blanks(solution, puzzle, 3)) == 3
+    broken = _broken(solution, puzzle)
+    assert sudoku_eval.rule_problems(puzzle, broken) >= 2 and not sudoku_eval.follows_rules(puzzle, broken)
+
+
+def _fake_sampler(puzzles, solutions, solved_at):
+    """A `solve_diffusion` stand-in: puzzle i's answer follows the rules from attempt solved_at[i] on (the
+    attempt read back from the seed), and breaks one before."""
+    index = {p.tobytes(): i for i, p in enumerate(puzzles)}
+    seen = []
+
+    def solve(model, subset, fmt, config, *, seed=0, **kwargs):
+        attempt = (seed - 1234) // 1_000_003
+        seen.append((attempt, kwargs.get("fixed_shape")))
+        rows = [index[p.tobytes()] for p in np.asarray(subset)]
+        boards = [solutions[i] if attempt >= solved_at[i] else _broken(solutions[i], puzzles[i]) for i in rows]
+        return sudoku_eval.Answers(np.stack(boards), np.full(len(rows), 3), np.full(len(rows), 27.0, np.float32))
+
+    return solve, seen
+
+
+def test_best_of_choice_never_reads_the_solutions(monkeypatch, pairs):
+    """evaluate_set's best-of picks the same boards given the true solutions, none, or another puzzle's: only
+    the scores change, and the plain entry is untouched by the option."""
+    import types
+
+    puzzles, solutions = pairs
+    solve, seen = _fake_sampler(puzzles, solutions, solved_at=[0, 1, 2, 5, 1, 0])
+    monkeypatch.setattr(sudoku_eval, "solve_diffusion", solve)
+    scored = []
+    real_scores = sudoku_eval.puzzle_scores
+    monkeypatch.setattr(sudoku_eval, "puzzle_scores",
+                        lambda p, answers, s=None: scored.append(answers.boards) or real_scores(p, answers, s))
+    model = types.SimpleNamespace(config=types.SimpleNamespace(canvas_length=81))
+    sampler = sudoku_eval.sampler_config(CompactFormat(), 81)
+    results = {}
+    for name, given in (("true", solutions), ("none", None), ("wrong", np.roll(solutions, 1, axis=0))):
+        scored.clear()
+        results[name] = sudoku_eval.evaluate_set(model, puzzles, CompactFormat(), "diffusion", sampler,
+                                                 solutions=given, batch_size=4, seed=1234, best_of_attempts=3)
+        results[name]["chosen"] = scored[1]
+    for name in ("none", "wrong"):
+        np.testing.assert_array_equal(results[name]["chosen"], results["true"]["chosen"])
+    chosen = results["true"]["best_of_3"]
+    assert chosen["max_attempts"] == 3 and chosen["mean_attempts"] == pytest.approx((1 + 2 + 3 + 3 + 2 + 1) / 6)
+    assert chosen["report"]["all"]["solve_rate"] == pytest.approx(5 / 6)  # puzzle 3 needs a 6th attempt
+    assert results["true"]["report"]["all"]["solve_rate"] == pytest.approx(2 / 6)
+    assert chosen["report"]["all"]["mean_forwards"] == pytest.approx(3 * 12 / 6)
+    assert results["wrong"]["best_of_3"]["report"] != chosen["report"]  # the scores do read the solutions
+    plain = sudoku_eval.evaluate_set(model, puzzles, CompactFormat(), "diffusion", sampler, solutions=solutions,
+                                     batch_size=4, seed=1234)
+    assert set(plain) == {"count", "seconds", "report", "by_givens"}
+    assert {k: v for k, v in plain.items() if k != "seconds"} == {
+        k: v for k, v in results["true"].items() if k in ("count", "report", "by_givens")}
+    # Restarts keep the set's batch and prompt shape (one compiled program).
+    assert {shape for attempt, shape in seen if attempt > 0} == {(4, 82)}
+    with pytest.raises(ValueError, match="diffusion decoder"):
+        sudoku_eval.evaluate_set(model, puzzles, CompactFormat(), "autoregressive", best_of_attempts=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from diffusion_gemma.checkpoints.loading import single_device_config
+
+    return DiffusionGemma(single_device_config(ModelConfig.tiny(**TINY_SUDOKU), "float32"), rngs=nnx.Rngs(4))
+
+
+def test_best_of_with_the_sampler_reuses_its_program_and_leaves_the_plain_run(tiny_model, pairs):
+    """With a real (untrained) model: restarts run on the puzzles still breaking a rule, with the plain run's
+    compiled program, and the plain numbers equal those of a run without restarts."""
+    from diffusion_gemma.sampling import sampler as sampler_lib
+
+    puzzles, solutions = pairs
+    fmt = CompactFormat()
+    sampler = sudoku_eval.sampler_config(fmt, 81, max_denoising_steps=2, greedy=True)
+    plain = sudoku_eval.evaluate_set(tiny_model, puzzles, fmt, "diffusion", sampler, solutions=solutions,
+                                     batch_size=BATCH, seed=5)
+    compiled = sampler_lib._generate_jit._cache_size()
+    both = sudoku_eval.evaluate_set(tiny_model, puzzles, fmt, "diffusion", sampler, solutions=solutions,
+                                    batch_size=BATCH, seed=5, best_of_attempts=3)
+    assert sampler_lib._generate_jit._cache_size() == compiled
+    assert both["report"] == plain["report"] and both["by_givens"] == plain["by_givens"]
+    chosen = both["best_of_3"]
+    assert chosen["mean_attempts"] == 3.0  # an untrained model never follows the rules: every restart runs
+    assert chosen["report"]["all"]["mean_forwards"] == pytest.approx(3 * plain["report"]["all"]["mean_forwards"])
+
+
+def test_evaluate_cli_prints_the_best_of_row_apart(monkeypatch, tiny_model, puzzle_files, tmp_path, capsys):
+    from diffusion_gemma.checkpoints import loading
+
+    evaluate = load_script("evaluate")
+    monkeypatch.setattr(loading, "load", lambda **kwargs: loading.LoadedModel(tiny_model, None))
+    common = ["evaluate", "--checkpoint=stand-in", f"--puzzles={puzzle_files['compact']}", "--limit=4",
+              "--steps=2", f"--batch_size={BATCH}", "--noprogress", "--acceptance=margin", "--accept_margin=0.3"]
+    plain = evaluate.run(common)
+    assert "best_of" not in plain and set(plain["sets"][0]) == {
+        "name", "source", "solutions", "count", "seconds", "report", "by_givens", "invalid"}
+    assert plain["sampler"]["acceptance"] == "margin" and plain["sampler"]["accept_margin"] == 0.3
+    capsys.readouterr()
+    output = tmp_path / "best.json"
+    assert evaluate.main(common + ["--best_of=2", f"--output={output}"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert printed.count("compact.txt (diffusion") == 2 and "best_of_2: rule-checked restarts" in printed
+    doc = json.loads(output.read_text())
+    (result,) = doc["sets"]
+    assert doc["best_of"] == 2 and result["best_of_2"]["max_attempts"] == 2
+    assert result["report"] == json.loads(json.dumps(plain["sets"][0]["report"]))  # the plain row as without
+    assert evaluate.main(common + ["--best_of=2", "--decoder=autoregressive"]) == 2
+    assert "--best_of needs --decoder=diffusion" in capsys.readouterr().err
+    assert evaluate.main(common + ["--best_of=0"]) == 2
+
+
+def test_periodic_evaluation_passes_the_margin_rule():
+    from diffusion_gemma.training import evaluation
+
+    config = evaluation.EvaluationConfig(acceptance="margin", accept_margin=0.6)
+    sampler = sudoku_eval.sampler_config(CompactFormat(), 81, **evaluation.sampler_settings(config))
+    assert (sampler.acceptance, sampler.accept_margin) == ("margin", 0.6)

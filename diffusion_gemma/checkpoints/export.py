@@ -29,7 +29,7 @@ from flax import nnx
 
 from diffusion_gemma import atomic_write
 from diffusion_gemma.checkpoints import orbax_io, streaming
-from diffusion_gemma.checkpoints.hf_config import CONFIG_FILE, model_config_to_hf
+from diffusion_gemma.checkpoints.hf_config import CONFIG_FILE, model_config_to_hf, require_hf_expressible
 from diffusion_gemma.checkpoints.hf_keys import TensorMapping, tensor_mappings
 from diffusion_gemma.checkpoints.safetensors_dir import DTYPES as DTYPES_BY_CODE
 from diffusion_gemma.checkpoints.safetensors_dir import (CheckpointError, SafetensorsDir, SafetensorsWriter,
@@ -138,6 +138,7 @@ def _export(config: ModelConfig, source, lora: Mapping[str, Any], passthrough: s
     `weights`: the source of its non-text tensors; `tokenizer_dir`: the training run's tokenizer files."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    require_hf_expressible(config)  # before any byte is written
     max_bytes = parse_size(max_shard_size)
     try:
         stored = source.shapes()

@@ -174,8 +174,18 @@ def model_config_from_hf_dir(hf_dir: str, **overrides) -> ModelConfig:
     return model_config_from_hf(hf, source=path, **overrides)
 
 
+def require_hf_expressible(config: ModelConfig) -> None:
+    """Refuse a model whose config.json would describe a different model: transformers would load it silently
+    with the wrong positions."""
+    if config.grid_rope is not None:
+        raise ConfigError("this model uses ModelConfig.grid_rope (cell geometry in the rotary), which a HuggingFace "
+                          "config.json cannot express (its rotary turns with one 1-D position per token, no per-axis "
+                          "rotary): transformers would load it with the wrong positions, so it is not exported")
+
+
 def text_config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The `text_config` object of a config.json, every field spelled out (per-layer shapes explicitly)."""
+    require_hf_expressible(config)
     width = len(str(config.num_layers - 1))
     per_layer = {}
     for i, (hd, kv) in enumerate(zip(config.layer_head_dims, config.layer_kv_heads)):

@@ -47,12 +47,21 @@ class ChatTurn:
 
 @dataclasses.dataclass(frozen=True)
 class SftExample:
-    """One tokenized example: `tokens` [S] with `supervised` and `attention` masks, `response_start` = prefix."""
+    """One tokenized example: `tokens` [S] with `supervised` and `attention` masks, `response_start` = prefix.
+
+    `clamped` [S] marks response tokens known in advance (infilling): the model is given them clean and is not
+    scored on them. Not given: all False.
+    """
 
     tokens: np.ndarray
     supervised: np.ndarray
     attention: np.ndarray
     response_start: int
+    clamped: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.clamped is None:
+            object.__setattr__(self, "clamped", np.zeros(np.shape(self.supervised), bool))
 
 
 def _turn_ids(tokenizer: TextTokenizer, role: str, content: str, *, close: bool = True) -> list[int]:
@@ -102,8 +111,12 @@ def tokenize_example(turns: Sequence[ChatTurn], tokenizer: TextTokenizer, *, seq
 
 
 def pack_example(prompt: Sequence[int], answer: Sequence[int], *, eos_id: int, pad_id: int, seq_length: int,
-                 block_size: int) -> SftExample:
-    """prompt + answer + EOS fill (supervised, attended) + pad (neither), truncated to `seq_length`."""
+                 block_size: int, clamped: Sequence[int] | None = None) -> SftExample:
+    """prompt + answer + EOS fill (supervised, attended) + pad (neither), truncated to `seq_length`.
+
+    `clamped`: answer-relative positions (0 = the answer's first token) whose tokens are given to the model;
+    each must lie in the answer (not the EOS fill). Positions cut off by `seq_length` are dropped with them.
+    """
     filled_length = -(-len(answer) // block_size) * block_size
     response = list(answer) + [eos_id] * (filled_length - len(answer))
     sequence = (list(prompt) + response)[:seq_length]
@@ -113,8 +126,17 @@ def pack_example(prompt: Sequence[int], answer: Sequence[int], *, eos_id: int, p
     tokens[: len(sequence)] = sequence
     attention[: len(sequence)] = True
     supervised[len(prompt): len(sequence)] = True
+    clamp = np.zeros((seq_length,), bool)
+    if clamped is not None:
+        offsets = np.asarray(clamped, np.int64).reshape(-1)
+        outside = offsets[(offsets < 0) | (offsets >= len(answer))]
+        if outside.size:
+            raise ValueError(f"clamped answer position {int(outside[0])} is outside the answer of {len(answer)} "
+                             "tokens")
+        positions = len(prompt) + offsets
+        clamp[positions[positions < seq_length]] = True
     return SftExample(tokens=tokens, supervised=supervised, attention=attention,
-                      response_start=min(len(prompt), seq_length))
+                      response_start=min(len(prompt), seq_length), clamped=clamp)
 
 
 def parse_record(line: str, *, path: str, line_number: int) -> list[ChatTurn]:

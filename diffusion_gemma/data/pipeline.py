@@ -3,6 +3,7 @@
 Every example carries its global index in the data stream (`example_index`), which keys all of its training
 randomness: the noise is independent of how the batch is split across devices and processes, and a resumed
 run (the iterator state is saved in checkpoints) sees exactly the data and noise of an uninterrupted one.
+Every batch carries `clamped_mask` (all False unless a source clamps known answer tokens).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class DataConfig:
 
 
 class ExampleSource(Protocol):
+    """A sized, indexable set of examples. A source may also set `stream_ordered = True`: it is then read by the
+    global stream index without shuffling (`make_dataset`), for sources that schedule on the index."""
+
     def __len__(self) -> int: ...
 
     def __getitem__(self, index: int) -> SftExample: ...
@@ -94,7 +98,8 @@ class SyntheticSource:
 
 def _as_features(index: int, example: SftExample) -> dict[str, np.ndarray]:
     return {"input_ids": example.tokens, "attention_mask": example.attention, "supervised_mask": example.supervised,
-            "response_start": np.int32(example.response_start), "example_index": np.int32(index)}
+            "clamped_mask": example.clamped, "response_start": np.int32(example.response_start),
+            "example_index": np.int32(index)}
 
 
 def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
@@ -108,8 +113,13 @@ def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
     if not 0 <= start < stop <= size:
         raise ValueError(f"rows {rows} are not a block of the global batch of {size}")
     needed = (num_steps + 1) * size
-    epochs = max(1, -(-needed // len(source)))
-    dataset = grain.MapDataset.source(source).repeat(epochs).shuffle(seed=config.shuffle_seed)
+    if getattr(source, "stream_ordered", False):
+        # A source that draws every example afresh from its index and schedules on it (a curriculum) is read by
+        # the global stream index, unshuffled: example i is then in step i // global_batch_size.
+        dataset = grain.MapDataset.range(needed).map(source.__getitem__)
+    else:
+        epochs = max(1, -(-needed // len(source)))
+        dataset = grain.MapDataset.source(source).repeat(epochs).shuffle(seed=config.shuffle_seed)
     dataset = dataset.map_with_index(_as_features)
     if stop - start < size:
         local, stream = stop - start, dataset

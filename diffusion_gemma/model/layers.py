@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from diffusion_gemma.config import RopeConfig
+from diffusion_gemma.config import GRID_AXES, GridRope, RopeConfig
 from diffusion_gemma.model.lora import effective_kernel
 
 
@@ -66,6 +66,46 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> np.ndarray:
 def rope_cos_sin(positions: jax.Array, inv_freq: np.ndarray, dtype) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [B, S, hd] for integer positions [B, S] ("rotate_half" layout: freqs repeated twice)."""
     freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def grid_coordinates(positions: jax.Array, grid: GridRope) -> jax.Array:
+    """int32 [..., len(GRID_AXES)]: (position, segment, row, col, block) of each 1-D position (`GridRope`).
+    Positions before the first cell (the prefix, left pads) are segment 0 at row = col = block = 0."""
+    positions = jnp.asarray(positions, jnp.int32)
+    offset = positions - grid.prefix_length
+    in_grid = offset >= 0
+    cell = jnp.where(in_grid, offset % grid.cells, 0)
+    segment = jnp.where(in_grid, 1 + offset // grid.cells, 0)
+    row, col = cell // grid.cols, cell % grid.cols
+    block = (row // grid.block_rows) * (grid.cols // grid.block_cols) + col // grid.block_cols
+    return jnp.stack([positions, segment, row, col, block], axis=-1)
+
+
+def grid_rope_frequencies(grid: GridRope, rope: RopeConfig, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(axis [hd/2] int32: the GRID_AXES index each rotary pair turns with, inv_freq [hd/2] fp32: its angle per
+    unit of that coordinate). Pairs go to the axes in contiguous groups; an axis of period P turns its k pairs
+    by 2 pi j / P, j = 1..k; the position group takes `rope`'s own frequencies for 2k dims."""
+    axes, freqs = [], []
+    periods = grid.periods()
+    for index, (name, pairs) in enumerate(zip(GRID_AXES, grid.pairs(head_dim))):
+        if not pairs:
+            continue
+        axes.append(np.full(pairs, index, np.int32))
+        if name == "position":
+            freqs.append(rope_inv_freq(rope, 2 * pairs))
+        else:
+            freqs.append(np.float32(2 * np.pi) * np.arange(1, pairs + 1, dtype=np.float32) / np.float32(periods[name]))
+    return np.concatenate(axes), np.concatenate(freqs).astype(np.float32)
+
+
+def grid_rope_cos_sin(positions: jax.Array, grid: GridRope, rope: RopeConfig, head_dim: int,
+                      dtype) -> tuple[jax.Array, jax.Array]:
+    """`rope_cos_sin` for a geometry layer: pair i turns by inv_freq[i] times its axis's coordinate."""
+    axes, inv_freq = grid_rope_frequencies(grid, rope, head_dim)
+    coordinates = grid_coordinates(positions, grid).astype(jnp.float32)
+    freqs = jnp.take(coordinates, jnp.asarray(axes), axis=-1) * jnp.asarray(inv_freq)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 

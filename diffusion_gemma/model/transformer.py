@@ -23,8 +23,8 @@ from diffusion_gemma import sharding
 from diffusion_gemma.config import SLIDING, ModelConfig
 from diffusion_gemma.model import masks
 from diffusion_gemma.model.attention import Attention, masked_attention
-from diffusion_gemma.model.layers import (Buffer, Embedder, GatedMLP, RMSNorm, rms_norm, rope_cos_sin,
-                                          rope_inv_freq)
+from diffusion_gemma.model.layers import (Buffer, Embedder, GatedMLP, RMSNorm, grid_rope_cos_sin, rms_norm,
+                                          rope_cos_sin, rope_inv_freq)
 from diffusion_gemma.model.moe import MoE
 
 # `nnx.Intermediate` sown by every encode/decode pass when the MoE has a capacity factor: int32 [num_layers],
@@ -176,8 +176,10 @@ class DiffusionGemma(nnx.Module):
         tables = {}
         for layer_type, head_dim, _ in self.slot_specs():
             if (layer_type, head_dim) not in tables:
-                inv_freq = rope_inv_freq(self.config.rope_for(layer_type), head_dim)
-                tables[layer_type, head_dim] = rope_cos_sin(positions, inv_freq, self.compute_dtype)
+                rope, grid = self.config.rope_for(layer_type), self.config.grid_rope_for(layer_type)
+                tables[layer_type, head_dim] = (
+                    rope_cos_sin(positions, rope_inv_freq(rope, head_dim), self.compute_dtype) if grid is None
+                    else grid_rope_cos_sin(positions, grid, rope, head_dim, self.compute_dtype))
         return [tables[layer_type, head_dim] for layer_type, head_dim, _ in self.slot_specs()]
 
     def _run_stack(self, x, positions, visibility: Mapping[str, jax.Array], cache: KVCache, *, encoding: bool,

@@ -26,7 +26,8 @@ class SftBatch:
 
     input_ids [B, S] int32 clean tokens; attention_mask [B, S] bool (prompt + response + EOS fill);
     supervised_mask [B, S] bool (response + EOS fill); response_start [B] int32 (prefix length: the response's
-    first position); example_index [B] int32 (global index in the data stream; keys all randomness).
+    first position); example_index [B] int32 (global index in the data stream; keys all randomness);
+    clamped_mask [B, S] bool (response tokens given to the model: never corrupted, never scored), None = none.
     """
 
     input_ids: jax.Array
@@ -34,6 +35,19 @@ class SftBatch:
     supervised_mask: jax.Array
     response_start: jax.Array
     example_index: jax.Array
+    clamped_mask: jax.Array | None = None
+
+    @property
+    def clamped(self) -> jax.Array:
+        """[B, S] bool, all False without a clamp."""
+        if self.clamped_mask is None:
+            return jnp.zeros(self.supervised_mask.shape, bool)
+        return self.clamped_mask.astype(bool)
+
+    @property
+    def denoised_mask(self) -> jax.Array:
+        """[B, S] bool: supervised and not clamped, the positions the diffusion objective corrupts and scores."""
+        return self.supervised_mask.astype(bool) & ~self.clamped
 
 
 @flax.struct.dataclass
@@ -41,8 +55,8 @@ class Canvas:
     """The decoder's input and targets, [B, C] each.
 
     clean_ids are the targets, noised_ids the input; noise_mask marks resampled positions; valid_mask real
-    (attended) positions; scored_mask the supervised positions of the selected block (the diffusion loss's
-    tokens); positions are absolute (response_start + offset); blocks the response block of each position;
+    (attended) positions; scored_mask the supervised, unclamped positions of the selected block (the diffusion
+    loss's tokens); positions are absolute (response_start + offset); blocks the response block of each position;
     visibility the training decoder visibility over [encoder cache ; canvas].
     """
 
@@ -74,7 +88,8 @@ def choose_blocks(supervised_mask: jax.Array, response_start: jax.Array, keys: j
                   block_size: int) -> jax.Array:
     """One block per example, uniform among its valid blocks (those with >= 1 supervised token) -> [B] int32.
 
-    An example without supervised tokens gets block 0; it contributes no scored token.
+    The objective passes `SftBatch.denoised_mask`, so a block whose tokens are all clamped is never chosen.
+    An example without such tokens gets block 0; it contributes no scored token.
     """
     valid = supervised_tokens_per_block(supervised_mask, response_start, block_size) > 0
     choice_keys = randomness.stream_keys(keys, randomness.BLOCK_CHOICE)
@@ -96,13 +111,13 @@ def _gather_canvas(batch: SftBatch, corruption: Corruption, offsets: jax.Array, 
 
     blocks = offsets // block_size
     valid = in_row & gather(batch.attention_mask.astype(bool))
-    supervised = in_row & gather(batch.supervised_mask.astype(bool))
+    denoised = in_row & gather(batch.denoised_mask)
     visibility = masks.training_decoder_visibility(batch.attention_mask, batch.response_start, blocks, valid,
                                                    block_size=block_size, sliding_window=sliding_window)
     return Canvas(clean_ids=jnp.where(in_row, gather(batch.input_ids), pad_token_id),
                   noised_ids=jnp.where(in_row, gather(corruption.noised_ids), pad_token_id),
                   noise_mask=in_row & gather(corruption.noise_mask), valid_mask=valid,
-                  scored_mask=supervised & (blocks == chosen_blocks[:, None]), positions=positions, blocks=blocks,
+                  scored_mask=denoised & (blocks == chosen_blocks[:, None]), positions=positions, blocks=blocks,
                   visibility=visibility)
 
 

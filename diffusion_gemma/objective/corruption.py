@@ -3,7 +3,7 @@
 Uniform-random replacement is what DiffusionGemma was trained with (docs/TRAINING.md §3): each supervised token is
 replaced with probability t by a token drawn uniformly from the whole vocabulary, which may equal the clean
 token. The absorbing variant (replace by a [MASK] id) is offered for experiments. Prompt, BOS and pad positions
-are never touched.
+are never touched, nor are clamped positions (response tokens given to the model as known, for infilling).
 """
 
 from __future__ import annotations
@@ -54,17 +54,20 @@ def sample_rates(keys: jax.Array, eps: float) -> jax.Array:
 
 
 def corrupt(clean_ids: jax.Array, supervised_mask: jax.Array, keys: jax.Array, *, vocab_size: int,
-            settings: CorruptionSettings) -> Corruption:
-    """clean_ids [B, S], supervised_mask [B, S] bool, keys [B] (per-example, see `randomness.example_keys`).
+            settings: CorruptionSettings, clamped_mask: jax.Array | None = None) -> Corruption:
+    """clean_ids [B, S], supervised_mask [B, S] bool, keys [B] (per-example, see `randomness.example_keys`),
+    clamped_mask [B, S] bool (kept clean; None = none).
 
     Draws are made per example over the whole padded row, so an example's noise depends only on its key and the
-    row length, never on its batch neighbours.
+    row length, never on its batch neighbours, and clamping a position leaves the noise of the others as it was.
     """
     length = clean_ids.shape[1]
     rates = sample_rates(keys, settings.eps)
     position_keys = randomness.stream_keys(keys, randomness.CORRUPTION_POSITIONS)
     uniforms = jax.vmap(lambda key: jax.random.uniform(key, (length,), jnp.float32))(position_keys)
     noise_mask = (uniforms < rates[:, None]) & supervised_mask.astype(bool)
+    if clamped_mask is not None:
+        noise_mask = noise_mask & ~clamped_mask.astype(bool)
     if settings.kind == UNIFORM:
         token_keys = randomness.stream_keys(keys, randomness.CORRUPTION_TOKENS)
         replacements = jax.vmap(lambda key: jax.random.randint(key, (length,), 0, vocab_size, clean_ids.dtype))(

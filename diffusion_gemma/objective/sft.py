@@ -101,8 +101,8 @@ def prepare_canvas(batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings,
     """Model-free part: per-example keys [B], corruption of the whole row, block choice, canvas gathering."""
     keys = randomness.example_keys(rng, batch.example_index)
     corruption = corrupt(batch.input_ids, batch.supervised_mask, keys, vocab_size=config.vocab_size,
-                         settings=settings.corruption)
-    chosen = batching.choose_blocks(batch.supervised_mask, batch.response_start, keys, settings.block_size)
+                         settings=settings.corruption, clamped_mask=batch.clamped_mask)
+    chosen = batching.choose_blocks(batch.denoised_mask, batch.response_start, keys, settings.block_size)
     build = (batching.selected_block_canvas if settings.canvas == SELECTED_BLOCK
              else batching.full_response_canvas)
     canvas = build(batch, corruption, chosen, block_size=settings.block_size,
@@ -126,7 +126,8 @@ def denoise_canvas(model: DiffusionGemma, cache: KVCache, canvas: Canvas, coins:
 
 def forward(model: DiffusionGemma, batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings) -> Forward:
     """Encode the clean sequence (not detached: the diffusion loss trains the encoder pass too), then denoise
-    the canvas against it with two-pass self-conditioning."""
+    the canvas against it with two-pass self-conditioning. Clamped positions are clean in the canvas of both
+    passes and unscored; the encoder (and its AR loss) sees the clean row either way."""
     corruption, canvas, keys = prepare_canvas(batch, rng, settings, model.config)
     cache, encoder_hidden = model.encode(batch.input_ids, padding_mask=batch.attention_mask.astype(bool))
     coins = sample_coins(keys, settings.self_conditioning_probability)
@@ -137,8 +138,8 @@ def forward(model: DiffusionGemma, batch: SftBatch, rng: jax.Array, settings: Ob
 def loss_counts(batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings) -> LossCounts:
     """The denominators of `batch`'s loss, without running the model (they depend on the data and keys only)."""
     keys = randomness.example_keys(rng, batch.example_index)
-    chosen = batching.choose_blocks(batch.supervised_mask, batch.response_start, keys, settings.block_size)
-    per_block = batching.supervised_tokens_per_block(batch.supervised_mask, batch.response_start,
+    chosen = batching.choose_blocks(batch.denoised_mask, batch.response_start, keys, settings.block_size)
+    per_block = batching.supervised_tokens_per_block(batch.denoised_mask, batch.response_start,
                                                      settings.block_size)
     diffusion = jnp.sum(jnp.take_along_axis(per_block, chosen[:, None], axis=1), dtype=jnp.int32)
     real = batch.attention_mask.astype(bool)

@@ -25,6 +25,9 @@ trade-offs:
 - `top_k` (LLaDA / Fast-dLLM top-k): accept the `accept_top_k` most confident positions (default C / N, so a
   block can be committed within its step budget). Predictable progress per step but blind to how hard the block
   is: slow on easy spans, hasty on hard ones.
+- `margin` (Kim et al., ICML 2025): accept every position whose top-two probability margin is >= `accept_margin`,
+  at least the largest. Commits first where the model is not torn between two candidates, which the top
+  probability alone cannot tell; one more pass over the vocabulary per step, only when selected.
 - `early_stop=False` (a fixed step count): every block runs exactly `max_denoising_steps` steps. Deterministic
   latency (benchmarks, serving budgets); spends steps on blocks that converged early.
 - `greedy=True`: the argmax instead of a categorical draw. Deterministic given the initial canvases (evaluation,
@@ -59,7 +62,8 @@ from diffusion_gemma.model.transformer import DiffusionGemma
 ENTROPY_BOUND = "entropy_bound"
 CONFIDENCE = "confidence"
 TOP_K = "top_k"
-ACCEPTANCE_RULES = (ENTROPY_BOUND, CONFIDENCE, TOP_K)
+MARGIN = "margin"
+ACCEPTANCE_RULES = (ENTROPY_BOUND, CONFIDENCE, TOP_K, MARGIN)
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 
@@ -70,8 +74,8 @@ class SamplerConfig:
 
     max_new_tokens: ceil(max_new_tokens / canvas_length) blocks are generated (the output is not truncated).
     max_denoising_steps: N, the step budget of a block. t_min / t_max: the linear temperature schedule
-    (t_max at the first step). acceptance / entropy_bound / accept_confidence / accept_top_k: which sampled
-    tokens survive a step (module docstring); accept_top_k None means ceil(canvas_length / N).
+    (t_max at the first step). acceptance / entropy_bound / accept_confidence / accept_top_k / accept_margin:
+    which sampled tokens survive a step (module docstring); accept_top_k None means ceil(canvas_length / N).
     greedy: argmax instead of a categorical draw. early_stop: stop a row once stable for `stability_threshold`
     steps and mean entropy < `confidence_threshold` (False: always N steps). eos_token_ids / pad_token_id:
     end-of-sequence handling (none when empty / None, as in the reference).
@@ -85,6 +89,7 @@ class SamplerConfig:
     entropy_bound: float = 0.1
     accept_confidence: float = 0.9
     accept_top_k: int | None = None
+    accept_margin: float = 0.9
     greedy: bool = False
     early_stop: bool = True
     stability_threshold: int = 1
@@ -105,6 +110,8 @@ class SamplerConfig:
             raise ValueError(f"acceptance = {self.acceptance!r}; expected one of {ACCEPTANCE_RULES}")
         if self.entropy_bound <= 0 or not 0 < self.accept_confidence <= 1 or self.confidence_threshold <= 0:
             raise ValueError("entropy_bound and confidence_threshold must be > 0 and accept_confidence in (0, 1]")
+        if not 0 < self.accept_margin <= 1:
+            raise ValueError(f"accept_margin must be in (0, 1], got {self.accept_margin}")
         if self.accept_top_k is not None and self.accept_top_k <= 0:
             raise ValueError(f"accept_top_k must be positive, got {self.accept_top_k}")
         if self.stability_threshold < 0:
@@ -263,7 +270,7 @@ def _draw_tape(row_keys, *, num_blocks, num_steps, canvas_length, vocab_size) ->
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-_ACCEPTANCE_CODE = {ENTROPY_BOUND: 0, CONFIDENCE: 1, TOP_K: 2}
+_ACCEPTANCE_CODE = {ENTROPY_BOUND: 0, CONFIDENCE: 1, TOP_K: 2, MARGIN: 3}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,7 +293,8 @@ def _plan_and_knobs(config: SamplerConfig, canvas_length: int) -> tuple[_Plan, d
         temperatures=jnp.asarray(steps.temperature_schedule(config.t_min, config.t_max, plan.num_steps)),
         acceptance=jnp.int32(_ACCEPTANCE_CODE[config.acceptance]),
         entropy_bound=jnp.float32(config.entropy_bound), accept_confidence=jnp.float32(config.accept_confidence),
-        top_k=jnp.int32(config.top_k(canvas_length)), greedy=jnp.bool_(config.greedy),
+        top_k=jnp.int32(config.top_k(canvas_length)), accept_margin=jnp.float32(config.accept_margin),
+        greedy=jnp.bool_(config.greedy),
         early_stop=jnp.bool_(config.early_stop), stability_threshold=jnp.int32(config.stability_threshold),
         confidence_threshold=jnp.float32(config.confidence_threshold),
         eos_ids=jnp.asarray(list(eos) + [-1] * (plan.eos_capacity - len(eos)), jnp.int32),
@@ -294,26 +302,36 @@ def _plan_and_knobs(config: SamplerConfig, canvas_length: int) -> tuple[_Plan, d
     return plan, knobs
 
 
-def _step_math(logits, uniform, renoise, knobs):
+def _step_math(logits, uniform, renoise, knobs, clamped=None):
     """Temperature, draw, acceptance and renoise of one step -> (scaled logits, argmax, accepted, next canvas,
-    entropy)."""
+    entropy). `clamped` [B, C]: positions left out of the acceptance rule (their entropy then reads 0)."""
     scaled = steps.apply_temperature(logits, knobs["temperatures_now"])
     probs = jax.nn.softmax(scaled, axis=-1)
     argmax = jnp.argmax(scaled, axis=-1).astype(jnp.int32)
     sampled = jnp.where(knobs["greedy"], argmax, steps.sample_from_uniform(probs, uniform))
     entropy = steps.token_entropy(scaled)
     confidence = jnp.take_along_axis(probs, sampled[..., None], axis=-1)[..., 0]
+    # The margin costs a pass over the vocabulary: computed only when its rule is the one in use.
+    margin = jax.lax.cond(knobs["acceptance"] == _ACCEPTANCE_CODE[MARGIN], steps.top_two_margin,
+                          lambda p: jnp.zeros(p.shape[:-1], jnp.float32), probs)
+    if clamped is not None:  # no share of the entropy budget; never the most confident / top-k / largest margin
+        entropy = jnp.where(clamped, 0.0, entropy)
+        confidence, margin = jnp.where(clamped, -1.0, confidence), jnp.where(clamped, -1.0, margin)
     accepted = jax.lax.select_n(knobs["acceptance"],
                                 steps.entropy_bound_acceptance(entropy, knobs["entropy_bound"]),
                                 steps.confidence_acceptance(confidence, knobs["accept_confidence"]),
-                                steps.top_k_acceptance(confidence, knobs["top_k"]))
+                                steps.top_k_acceptance(confidence, knobs["top_k"]),
+                                steps.margin_acceptance(margin, knobs["accept_margin"]))
     return scaled, argmax, accepted, jnp.where(accepted, sampled, renoise), entropy
 
 
 def _denoise_block(model: DiffusionGemma, cache, positions, block, finished, initial_canvas, tape: NoiseTape,
-                   knobs, plan: _Plan, on_step, should_stop):
-    """One block's denoising loop -> (argmax canvas [B, C], decoder passes [B], steps run)."""
+                   knobs, plan: _Plan, on_step, should_stop, clamp=None):
+    """One block's denoising loop -> (argmax canvas [B, C], decoder passes [B], steps run). `clamp`: this
+    block's slice of `_clamp_arrays` (None: no clamp, the reference's loop untouched)."""
     batch, canvas_length = initial_canvas.shape
+    if clamp is not None:
+        initial_canvas = jnp.where(clamp["mask"], clamp["ids"], initial_canvas)
     sc_dtype = jnp.dtype(model.config.param_dtype)
     # Rows finished in earlier blocks are discarded (fully padded) when a pad id exists: freeze them at once.
     done = finished & knobs["has_pad"] & knobs["early_stop"]
@@ -330,15 +348,20 @@ def _denoise_block(model: DiffusionGemma, cache, positions, block, finished, ini
         logits = model.decode(s["canvas"], cache, positions, self_conditioning_logits=s["sc_logits"],
                               self_conditioning_mask=jnp.broadcast_to(s["has_sc"], (batch,)))
         step_knobs = dict(knobs, temperatures_now=knobs["temperatures"][s["step"]])
-        scaled, argmax, accepted, canvas, entropy = _step_math(
-            logits, tape.uniforms[block, s["step"]], tape.renoise[block, s["step"]], step_knobs)
+        if clamp is None:
+            scaled, argmax, accepted, canvas, entropy = _step_math(
+                logits, tape.uniforms[block, s["step"]], tape.renoise[block, s["step"]], step_knobs)
+            mean_entropy = jnp.mean(entropy, axis=-1)
+        else:
+            scaled, argmax, accepted, canvas, mean_entropy = _clamped_step(
+                logits, tape.uniforms[block, s["step"]], tape.renoise[block, s["step"]], step_knobs, clamp)
         passes = s["passes"] + (~(s["done"] | finished)).astype(jnp.int32)
         # Rows already done keep their argmax, canvas and self-conditioning logits (the reference's freezing).
         frozen = s["done"]
         argmax = jnp.where(frozen[:, None], s["argmax"], argmax)
         canvas = jnp.where(frozen[:, None], s["canvas"], canvas)
         scaled = jnp.where(frozen[:, None, None], s["sc_logits"].astype(scaled.dtype), scaled)
-        stop, history = steps.stable_and_confident(s["history"], argmax, jnp.mean(entropy, axis=-1),
+        stop, history = steps.stable_and_confident(s["history"], argmax, mean_entropy,
                                                    knobs["stability_threshold"], knobs["confidence_threshold"])
         done = s["done"] | (stop & knobs["early_stop"])
         if should_stop is not None:
@@ -351,6 +374,49 @@ def _denoise_block(model: DiffusionGemma, cache, positions, block, finished, ini
 
     out = jax.lax.while_loop(cond, body, state)
     return out["argmax"], out["passes"], out["step"]
+
+
+# Far below any softcapped logit, and finite so that dividing by a temperature < 1 keeps it finite.
+_BANNED_LOGIT = -1e9
+
+
+def _clamped_step(logits, uniform, renoise, knobs, clamp):
+    """`_step_math` with clamped positions (docs/SAMPLING.md, "Clamped positions"): the acceptance rule runs
+    over the free positions only, then the clamped ones are accepted with their known token; an EOS id cannot
+    be drawn before the row's last clamp (it would end the answer before a known token); the stop rule's mean
+    entropy is over the free positions. Self-conditioning keeps the model's own logits everywhere, as in
+    training. -> (scaled logits, argmax, accepted, next canvas, mean entropy [B])."""
+    mask, ids = clamp["mask"], clamp["ids"]
+    is_eos = jnp.any(jnp.arange(logits.shape[-1])[:, None] == knobs["eos_ids"][None, :], axis=-1)    # [V]
+    logits = jnp.where(clamp["eos_banned"][..., None] & is_eos, jnp.asarray(_BANNED_LOGIT, logits.dtype), logits)
+    scaled, argmax, accepted, canvas, entropy = _step_math(logits, uniform, renoise, knobs, clamped=mask)
+    free = jnp.sum(~mask, axis=-1)
+    mean_entropy = jnp.sum(entropy, axis=-1) / jnp.maximum(free, 1).astype(entropy.dtype)  # clamped read 0
+    return (scaled, jnp.where(mask, ids, argmax), accepted | mask, jnp.where(mask, ids, canvas),
+            jnp.where(jnp.any(mask, axis=-1), mean_entropy, jnp.mean(entropy, axis=-1)))
+
+
+def _clamp_arrays(clamp_ids, clamp_mask, *, batch: int, width: int, vocab_size: int) -> dict[str, jax.Array]:
+    """Validated clamp inputs [B, W <= width] -> {ids, mask, eos_banned} [B, width]: positions past W are free;
+    `eos_banned` marks the free positions before a row's last clamped one."""
+    ids, mask = np.asarray(clamp_ids), np.asarray(clamp_mask)
+    if ids.ndim != 2 or ids.shape != mask.shape or ids.shape[0] != batch or ids.shape[1] > width:
+        raise ValueError(f"clamp_ids {ids.shape} and clamp_mask {mask.shape} must both be [{batch}, W] with "
+                         f"W <= {width} (the blocks' tokens)")
+    if not np.issubdtype(ids.dtype, np.integer) or mask.dtype != np.bool_:
+        raise ValueError(f"clamp_ids must be integers and clamp_mask booleans, got {ids.dtype} / {mask.dtype}")
+    bad = mask & ((ids < 0) | (ids >= vocab_size))
+    if bad.any():
+        row, column = (int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"clamp_ids[{row}, {column}] = {int(ids[row, column])} is outside the vocabulary of "
+                         f"{vocab_size}")
+    full_ids = np.zeros((batch, width), np.int32)
+    full_mask = np.zeros((batch, width), bool)
+    full_ids[:, : ids.shape[1]] = np.where(mask, ids, 0)
+    full_mask[:, : ids.shape[1]] = mask
+    last = np.where(full_mask.any(axis=1), width - 1 - np.argmax(full_mask[:, ::-1], axis=1), -1)
+    eos_banned = (np.arange(width)[None, :] < last[:, None]) & ~full_mask
+    return dict(ids=jnp.asarray(full_ids), mask=jnp.asarray(full_mask), eos_banned=jnp.asarray(eos_banned))
 
 
 def _asks_to_stop(should_stop, *, after: jax.Array) -> jax.Array:
@@ -373,7 +439,7 @@ def _emit_canvas(callback):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan", "on_step", "on_canvas", "should_stop"))
-def _generate_jit(state, prompt_ids, prompt_mask, tape: NoiseTape, knobs, *, graphdef, plan: _Plan, on_step,
+def _generate_jit(state, prompt_ids, prompt_mask, tape: NoiseTape, knobs, clamp, *, graphdef, plan: _Plan, on_step,
                   on_canvas, should_stop):
     model = nnx.merge(graphdef, state)
     batch, prompt_length = prompt_ids.shape
@@ -407,9 +473,11 @@ def _generate_jit(state, prompt_ids, prompt_mask, tape: NoiseTape, knobs, *, gra
         target = padded_length + block * canvas_length
         cache = jax.lax.while_loop(lambda c: c.length < target, encode_chunk, carry["cache"])
         positions = jnp.broadcast_to(target - extra + chunk_offsets, (batch, canvas_length))
+        block_clamp = None if clamp is None else jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, block * canvas_length, canvas_length, 1), clamp)
         argmax, passes, steps_run = _denoise_block(model, cache, positions, block, carry["finished"],
                                                    tape.initial_canvas[block], tape, knobs, plan, on_step,
-                                                   should_stop)
+                                                   should_stop, block_clamp)
         canvas, finished = steps.finalize_canvas(argmax, carry["finished"], knobs["eos_ids"], knobs["pad_id"],
                                                  use_pad=knobs["has_pad"])
         if should_stop is not None:
@@ -438,7 +506,7 @@ def draw_noise(rng: jax.Array, *, batch_size: int, config: SamplerConfig, canvas
 
 
 def generate(model: DiffusionGemma, prompt_ids, prompt_mask=None, rng: jax.Array | NoiseTape | None = None,
-             config: SamplerConfig | None = None, *, initial_canvas=None,
+             config: SamplerConfig | None = None, *, initial_canvas=None, clamp_ids=None, clamp_mask=None,
              on_step: Callable[[StepEvent], None] | None = None,
              on_canvas: Callable[[CanvasEvent], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> GenerationResult:
@@ -447,7 +515,10 @@ def generate(model: DiffusionGemma, prompt_ids, prompt_mask=None, rng: jax.Array
     prompt_ids [B, S] int, prompt_mask [B, S] (True = real token; pads on the left, as `left_pad` builds them;
     None = no padding). rng: a key (`draw_noise` derives one stream per row), B keys, or a `NoiseTape`; None
     means key 0. initial_canvas [B, C] replaces block 0's random starting canvas (the reference's
-    `decoder_input_ids`). on_step / on_canvas: host callbacks after every denoising step / block (reuse the same
+    `decoder_input_ids`). clamp_ids / clamp_mask [B, W] (W <= the blocks' tokens, usually max_new_tokens): known
+    tokens of the generated sequence where the mask is True (infilling): written into the canvas from the start
+    and after every step, accepted, never renoised, and so in the output unchanged (docs/SAMPLING.md, "Clamped
+    positions"). on_step / on_canvas: host callbacks after every denoising step / block (reuse the same
     function objects: each distinct callback compiles its own program). should_stop: asked after every step;
     True ends the generation at once, its output then meaningless (the caller, who asked, discards it).
     """
@@ -473,9 +544,13 @@ def generate(model: DiffusionGemma, prompt_ids, prompt_mask=None, rng: jax.Array
         if initial_canvas.shape != (batch, canvas_length):
             raise ValueError(f"initial_canvas must be [{batch}, {canvas_length}], got {initial_canvas.shape}")
         tape = tape.replace(initial_canvas=tape.initial_canvas.at[0].set(initial_canvas))
+    if (clamp_ids is None) != (clamp_mask is None):
+        raise ValueError("give both clamp_ids and clamp_mask, or neither")
+    clamp = None if clamp_ids is None else _clamp_arrays(clamp_ids, clamp_mask, batch=batch, vocab_size=vocab,
+                                                         width=plan.num_blocks * canvas_length)
     graphdef, state = nnx.split(model)
     tokens, num_blocks, passes, steps_per_block, finished = _generate_jit(
-        state, prompt_ids, prompt_mask, tape, knobs, graphdef=graphdef, plan=plan, on_step=on_step,
+        state, prompt_ids, prompt_mask, tape, knobs, clamp, graphdef=graphdef, plan=plan, on_step=on_step,
         on_canvas=on_canvas, should_stop=should_stop)
     return GenerationResult(tokens=tokens, num_blocks=num_blocks, decoder_passes=passes,
                             steps_per_block=steps_per_block, finished=finished, prompt_length=prompt_ids.shape[1],

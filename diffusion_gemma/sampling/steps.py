@@ -4,7 +4,7 @@ Each function mirrors one piece of transformers' `DiffusionGemmaForBlockDiffusio
 exact arithmetic form the reference uses, so the jitted sampler (`sampler.py`) agrees with it token for token:
 the temperature of a step, the per-position entropy, the entropy-bound acceptance, the stable-and-confident stop
 rule and the EOS/pad post-processing of a finished canvas. The other acceptance rules offered by the sampler
-(confidence threshold, top-k) and the categorical draw live here too.
+(confidence threshold, top-k, top-two margin) and the categorical draw live here too.
 
 Shapes: B batch rows, C canvas positions, V vocabulary.
 """
@@ -110,6 +110,31 @@ def top_k_acceptance(confidence: jax.Array, k: int) -> jax.Array:
     """[B, C] -> bool [B, C]: accept the k most confident positions of every row (LLaDA / Fast-dLLM top-k)."""
     rank = jnp.argsort(jnp.argsort(-confidence, axis=-1), axis=-1)
     return rank < k
+
+
+def top_two_margin(probs: jax.Array) -> jax.Array:
+    """[B, C, V] probabilities -> [B, C]: the largest minus the second-largest probability of each position
+    (0 when two tokens tie for the top, 1 for a one-hot row). Two reductions instead of a top-k over V: the
+    top entry is masked out by its argmax index, so a tie keeps its twin as the runner-up."""
+    probs = probs.astype(jnp.float32)
+    top = jnp.argmax(probs, axis=-1)
+    first = jnp.take_along_axis(probs, top[..., None], axis=-1)[..., 0]
+    others = jnp.where(jnp.arange(probs.shape[-1]) == top[..., None], -jnp.inf, probs)
+    return first - jnp.max(others, axis=-1)
+
+
+def margin_acceptance(margin: jax.Array, threshold: float | jax.Array) -> jax.Array:
+    """[B, C] top-two margins -> bool [B, C]: accept every position whose margin is >= `threshold`, and always
+    the one with the largest margin (the first of equal ones), so each step makes progress.
+
+    The top-probability-margin order of Kim et al. (ICML 2025, "Train for the worst, plan for the best"): commit
+    first the positions where the model is least torn between two tokens. The top probability alone cannot tell
+    a position split between two candidates (0.5 / 0.45) from one whose runner-up is far behind (0.5 / 0.05);
+    the margin can. With threshold 1 only the largest margin is accepted, and the positions whose margin rounds
+    to 1 in float32 (a runner-up below ~6e-8): the strict largest-first order.
+    """
+    largest = jnp.arange(margin.shape[-1]) == jnp.argmax(margin, axis=-1)[:, None]
+    return (margin >= threshold) | largest
 
 
 # ------------------------------------------------------------------------------------------------ sampling

@@ -43,6 +43,7 @@ class EvaluationConfig:
     greedy: bool = False
     acceptance: str = "entropy_bound"  # the sampler's rule for which canvas tokens to keep each step
     accept_confidence: float = 0.9     # threshold of the "confidence" rule
+    accept_margin: float = 0.9         # threshold of the "margin" rule (top-two probability margin)
     prompts: tuple[str, ...] = ()
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -59,7 +60,7 @@ class EvaluationConfig:
 
 def sampler_settings(config: EvaluationConfig) -> dict:
     return dict(max_denoising_steps=config.max_denoising_steps, greedy=config.greedy, acceptance=config.acceptance,
-                accept_confidence=config.accept_confidence)
+                accept_confidence=config.accept_confidence, accept_margin=config.accept_margin)
 
 
 def make_evaluator(config: EvaluationConfig, data_config, tokenizer, workdir: str) -> Evaluator | None:

@@ -28,6 +28,12 @@ Reported per set, overall and by bucket (easy >= 40 givens, medium 30-39, hard <
 cell accuracy on the blanks, rate of answers breaking a Sudoku rule, rate of answers keeping every given, mean
 denoising steps (decoder forwards; AR: tokens decoded) and tokens per forward; in the JSON also by number of
 givens. `--output` is written atomically and never replaces a file without `--overwrite`.
+
+`--best_of=N` (diffusion) adds, on its own row and under `best_of_N` in the JSON, a rule-checked best of N: every
+puzzle whose answer breaks a Sudoku rule, changes a given or leaves a cell unreadable is solved again with
+another seed, up to N attempts in all, and keeps its first answer that follows the rules (else the one with the
+fewest problems). The check reads only the puzzle, never a solution; forwards are summed over the attempts. The
+plain row is the first attempt, exactly what the run gives without the flag.
 """
 
 from __future__ import annotations
@@ -77,6 +83,11 @@ _ACCEPT_CONFIDENCE = flags.DEFINE_float("accept_confidence", 0.95, "Threshold of
                                         flag_values=FLAGS)
 _ACCEPT_TOP_K = flags.DEFINE_integer("accept_top_k", None, "k of the top_k rule (default: canvas / steps).",
                                      flag_values=FLAGS)
+_ACCEPT_MARGIN = flags.DEFINE_float("accept_margin", 0.9, "Threshold of the margin rule (top-two probability "
+                                    "margin; 1: one position per step, largest margin first).", flag_values=FLAGS)
+_BEST_OF = flags.DEFINE_integer("best_of", 1, "Also report a rule-checked best of N (restarts of the answers "
+                                "breaking a rule, checked against the puzzle only) on its own row.",
+                                flag_values=FLAGS)
 _GREEDY = flags.DEFINE_bool("greedy", True, "Argmax instead of sampling (--nogreedy: sample at the "
                             "--t_max..--t_min temperatures).", flag_values=FLAGS)
 _EARLY_STOP = flags.DEFINE_bool("early_stop", True, "Stop a canvas once stable and confident (--noearly_stop: "
@@ -109,11 +120,17 @@ def parse(argv: list[str]) -> None:
                          "file(s); give one per puzzle file, in the same order")
     if _BATCH_SIZE.value <= 0 or _STEPS.value <= 0 or (_LIMIT.value is not None and _LIMIT.value <= 0):
         raise UsageError("--batch_size, --steps and --limit must be positive")
+    if _BEST_OF.value < 1:
+        raise UsageError(f"--best_of must be >= 1, got {_BEST_OF.value}")
+    if _BEST_OF.value > 1 and _DECODER.value != "diffusion":
+        raise UsageError("--best_of needs --decoder=diffusion (autoregressive decoding is deterministic: every "
+                         "attempt would give the same answer)")
 
 
 def sampler_overrides() -> dict:
     return dict(max_denoising_steps=_STEPS.value, acceptance=_ACCEPTANCE.value, entropy_bound=_ENTROPY_BOUND.value,
                 accept_confidence=_ACCEPT_CONFIDENCE.value, accept_top_k=_ACCEPT_TOP_K.value,
+                accept_margin=_ACCEPT_MARGIN.value,
                 greedy=_GREEDY.value, early_stop=_EARLY_STOP.value, t_min=_T_MIN.value, t_max=_T_MAX.value)
 
 
@@ -143,14 +160,14 @@ def run(argv: list[str]) -> dict:
     if _DECODER.value == "diffusion":
         sampler = sudoku_eval.sampler_config(fmt, model.config.canvas_length, **sampler_overrides())
     results = runner.run(model, sets, fmt, decoder=_DECODER.value, sampler=sampler, batch_size=_BATCH_SIZE.value,
-                         seed=_SEED.value, progress=_PROGRESS.value)
+                         seed=_SEED.value, progress=_PROGRESS.value, best_of=_BEST_OF.value)
     for result, puzzle_set in zip(results, sets):
         result["invalid"] = [dict(index=p.index, problem=p.problem) for p in puzzle_set.invalid]
     source = dict(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, merged_adapters=loaded.merged_adapters,
                   dtype=_DTYPE.value)
     doc = runner.document(results, model=model, model_source=source, format_name=format_name,
                           decoder=_DECODER.value, sampler=sampler, batch_size=_BATCH_SIZE.value, seed=_SEED.value,
-                          limit=_LIMIT.value)
+                          limit=_LIMIT.value, best_of=_BEST_OF.value)
     print(runner.tables(doc), flush=True)
     for puzzle_set in sets:
         if puzzle_set.invalid:

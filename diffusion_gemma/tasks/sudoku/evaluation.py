@@ -3,7 +3,8 @@
 Scores follow the Hackable Diffusion recipe: exact-board solve rate, cell accuracy on the blanks, givens
 preserved, plus the constraint-violation rate and the decoding cost (mean denoising steps / forwards and tokens
 per forward), overall and by givens bucket (easy >= 40, medium 30-39, hard < 30). Used by the evaluate CLI,
-the trainer's periodic evaluation and the notebook.
+the trainer's periodic evaluation and the notebook. A rule-checked best of N (restarts of the puzzles whose
+answer breaks a rule, judged from the puzzle alone) is scored apart from the plain run, never mixed into it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jax
 import numpy as np
 
 from diffusion_gemma.tasks.sudoku import puzzles as sudoku
+from diffusion_gemma.tasks.sudoku.clamp import givens_clamp
 from diffusion_gemma.tasks.sudoku.formats import SudokuFormat
 from diffusion_gemma.sampling import autoregressive
 from diffusion_gemma.sampling.sampler import SamplerConfig, StepEvent, generate, left_pad
@@ -56,12 +58,12 @@ def sampler_config(fmt: SudokuFormat, canvas_length: int, **overrides) -> Sample
     return SamplerConfig(**settings)
 
 
-def _batches(prompts: list[list[int]], batch_size: int, pad_id: int
+def _batches(prompts: list[list[int]], batch_size: int, pad_id: int, length: int | None = None
              ) -> Iterable[tuple[int, int, np.ndarray, np.ndarray]]:
     """(start, real rows, ids, mask): fixed-size batches (the last one padded by repeating its final prompt),
-    every prompt left-padded to the longest of the whole set, so one compiled program serves every batch (chat
-    prompts differ in length with the puzzle's text)."""
-    length = max(len(p) for p in prompts)
+    every prompt left-padded to the longest of the whole set (or `length`), so one compiled program serves every
+    batch (chat prompts differ in length with the puzzle's text)."""
+    length = length or max(len(p) for p in prompts)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start: start + batch_size]
         real = len(chunk)
@@ -80,9 +82,13 @@ def solve_diffusion(model: DiffusionGemma, puzzles, fmt: SudokuFormat, config: S
                     batch_size: int = 64, seed: int = 0,
                     on_step: Callable[[StepEvent], None] | None = None,
                     on_batch: Callable[[int], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> Answers:
+                    should_stop: Callable[[], bool] | None = None, clamp_givens: bool = False,
+                    fixed_shape: tuple[int, int] | None = None) -> Answers:
     """Denoise every puzzle's answer with the block-diffusion sampler (row noise keyed by seed and batch).
-    `on_batch(n)` is called after each batch with its number of real puzzles (a progress bar).
+    `on_batch(n)` is called after each batch with its number of real puzzles (a progress bar). `fixed_shape`:
+    (batch size, prompt length) of every batch instead of what `puzzles` imply, so that solving a subset of a
+    set again reuses the set's compiled program (`solve_best_of`). `clamp_givens`
+    (compact format): the givens' answer cells are clamped, written in and never resampled.
 
     `should_stop()` (a training run's `StopSignal.check`) is asked after every batch, and in one process also
     after every denoising step, which ends the batch at once; True raises `Stopped`. Several processes ask only
@@ -90,12 +96,16 @@ def solve_diffusion(model: DiffusionGemma, puzzles, fmt: SudokuFormat, config: S
     compiled sampler."""
     puzzles = np.asarray(puzzles).reshape(-1, 9, 9)
     prompts = _prompt_ids(fmt, puzzles)
-    batch_size = min(batch_size, len(puzzles))
+    batch_size, length = fixed_shape or (min(batch_size, len(puzzles)), None)
     inside = should_stop if jax.process_count() == 1 else None
     boards, forwards, per_forward = [], [], []
-    for start, keep, ids, mask in _batches(prompts, batch_size, fmt.pad_id):
+    clamp_ids, clamp_mask = givens_clamp(fmt, puzzles, config.max_new_tokens) if clamp_givens else (None, None)
+    for start, keep, ids, mask in _batches(prompts, batch_size, fmt.pad_id, length):
+        rows = np.minimum(np.arange(start, start + len(ids)), len(puzzles) - 1)  # _batches' padding rows
         result = generate(model, ids, mask, jax.random.fold_in(jax.random.key(seed), start), config,
-                          on_step=on_step, should_stop=inside)
+                          on_step=on_step, should_stop=inside,
+                          clamp_ids=None if clamp_ids is None else clamp_ids[rows],
+                          clamp_mask=None if clamp_mask is None else clamp_mask[rows])
         if should_stop is not None and should_stop():
             raise Stopped(f"stopped after {start} of {len(puzzles)} puzzles")
         boards += [fmt.parse_answer(row) for row in result.generated()[:keep]]
@@ -134,6 +144,87 @@ def solve(model: DiffusionGemma, puzzles, fmt: SudokuFormat, decoder: str, sampl
     if decoder == "autoregressive":
         return solve_autoregressive(model, puzzles, fmt, batch_size=batch_size, on_batch=on_batch)
     raise ValueError(f"decoder {decoder!r}; expected one of {DECODERS}")
+
+
+# ------------------------------------------------------------------------------ rule-checked best of N
+def follows_rules(puzzle, board) -> bool:
+    """A complete board that breaks no Sudoku rule and keeps every given: decided from the puzzle alone, so a
+    test-time selection may use it (it never sees a reference solution)."""
+    return sudoku.validate(puzzle, board).is_solved
+
+
+def rule_problems(puzzle, board) -> int:
+    """Repeated digits in the units + changed givens + blank cells: 0 exactly when `follows_rules`. Ranks the
+    answers of a puzzle none of whose attempts followed the rules (also from the puzzle alone)."""
+    result = sudoku.validate(puzzle, board)
+    return result.num_violations + result.num_changed_givens + int(np.sum(np.asarray(board) == 0))
+
+
+@dataclasses.dataclass(frozen=True)
+class BestOf:
+    """What `best_of` kept: the chosen answers (forwards and tokens per forward over EVERY attempt a puzzle took,
+    the real cost of the selection) and attempts [N], how many each puzzle used."""
+
+    answers: Answers
+    attempts: np.ndarray
+
+
+def best_of(puzzles, first: Answers, retry: Callable[[np.ndarray, int], Answers], max_attempts: int) -> BestOf:
+    """Rule-checked restarts. Starting from `first` (attempt 0, on every puzzle), every puzzle whose answer does
+    not follow the rules is solved again, `retry(those puzzles [n, 9, 9], attempt)` for attempt 1, 2, ... up to
+    `max_attempts` attempts in all, until it gets an answer that does; it keeps that answer, and when none of its
+    attempts follows the rules, the one with the fewest `rule_problems` (the earliest on ties). The choice sees
+    the puzzles and answers only, never a solution: this is a decoding strategy, not an oracle. The same choice
+    as drawing `max_attempts` answers per puzzle and keeping the first that follows the rules, at the cost of
+    the attempts actually needed."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    puzzles = np.asarray(puzzles).reshape(-1, 9, 9)
+    if len(first.boards) != len(puzzles):
+        raise ValueError(f"{len(first.boards)} answers for {len(puzzles)} puzzles")
+    boards = np.array(first.boards, copy=True)
+    forwards = np.asarray(first.forwards, np.float64).copy()
+    tokens = forwards * np.asarray(first.tokens_per_forward, np.float64)
+    problems = np.array([rule_problems(p, b) for p, b in zip(puzzles, boards)])
+    attempts = np.ones(len(puzzles), np.int64)
+    for attempt in range(1, max_attempts):
+        open_rows = np.flatnonzero(problems > 0)
+        if not len(open_rows):
+            break
+        again = retry(puzzles[open_rows], attempt)
+        if len(again.boards) != len(open_rows):
+            raise ValueError(f"attempt {attempt}: {len(again.boards)} answers for {len(open_rows)} puzzles")
+        for row, board, spent, per_forward in zip(open_rows, again.boards, again.forwards, again.tokens_per_forward):
+            found = rule_problems(puzzles[row], board)
+            if found < problems[row]:
+                boards[row], problems[row] = board, found
+            forwards[row] += spent
+            tokens[row] += spent * per_forward
+            attempts[row] += 1
+    per_forward = np.divide(tokens, forwards, out=np.zeros_like(tokens), where=forwards > 0)
+    return BestOf(Answers(boards, forwards, per_forward.astype(np.float32)), attempts)
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The sampling seed of restart `attempt` (0: `seed` itself, so attempt 0 is the plain run), far from the
+    neighbouring seeds a multi-seed study uses."""
+    return seed + 1_000_003 * attempt
+
+
+def solve_best_of(model: DiffusionGemma, puzzles, fmt: SudokuFormat, config: SamplerConfig, max_attempts: int, *,
+                  first: Answers | None = None, batch_size: int = 64, seed: int = 0,
+                  on_batch: Callable[[int], None] | None = None, **solve_options) -> BestOf:
+    """`best_of` with the sampler: attempt a uses `attempt_seed(seed, a)`; `first` (the plain run's answers with
+    the same settings) saves solving attempt 0 again. Restarts keep the whole set's batch and prompt shape, so
+    they reuse its compiled program. `solve_options` go to every `solve_diffusion` call."""
+    puzzles = np.asarray(puzzles).reshape(-1, 9, 9)
+    shape = (min(batch_size, len(puzzles)), max(len(p) for p in _prompt_ids(fmt, puzzles)))
+
+    def attempt(subset, index):
+        return solve_diffusion(model, subset, fmt, config, seed=attempt_seed(seed, index), fixed_shape=shape,
+                               on_batch=on_batch, **solve_options)
+
+    return best_of(puzzles, attempt(puzzles, 0) if first is None else first, attempt, max_attempts)
 
 
 def puzzle_scores(puzzles, answers: Answers, solutions=None) -> list[dict]:
@@ -213,10 +304,26 @@ def eval_puzzles(num_puzzles: int, *, seed: int, min_givens: int, max_givens: in
 
 def evaluate_set(model: DiffusionGemma, puzzles, fmt: SudokuFormat, decoder: str,
                  sampler: SamplerConfig | None = None, *, solutions=None, batch_size: int = 64, seed: int = 0,
-                 on_batch: Callable[[int], None] | None = None) -> dict:
-    """Solve and score one set: {count, seconds, report (by bucket), by_givens}."""
+                 on_batch: Callable[[int], None] | None = None, best_of_attempts: int = 1,
+                 on_restart_batch: Callable[[int], None] | None = None) -> dict:
+    """Solve and score one set: {count, seconds, report (by bucket), by_givens}. With `best_of_attempts` N > 1
+    (diffusion only) also `best_of_N`: the same fields plus max_attempts and mean_attempts for `solve_best_of`'s
+    choice (forwards summed over the attempts), whose attempt 0 is the plain run: the plain fields are exactly
+    those without it. `on_restart_batch` is `on_batch` for the restarts."""
+    if best_of_attempts > 1 and decoder != "diffusion":
+        raise ValueError(f"best of {best_of_attempts} needs the diffusion decoder: {decoder} decoding is "
+                         "deterministic, every attempt would give the same answer")
     began = time.perf_counter()
     answers = solve(model, puzzles, fmt, decoder, sampler, batch_size=batch_size, seed=seed, on_batch=on_batch)
     seconds = time.perf_counter() - began
     rows = puzzle_scores(puzzles, answers, solutions)
-    return dict(count=len(rows), seconds=seconds, report=bucket_report(rows), by_givens=by_givens(rows))
+    result = dict(count=len(rows), seconds=seconds, report=bucket_report(rows), by_givens=by_givens(rows))
+    if best_of_attempts > 1:
+        sampler = sampler or sampler_config(fmt, model.config.canvas_length)
+        chosen = solve_best_of(model, puzzles, fmt, sampler, best_of_attempts, first=answers, batch_size=batch_size,
+                               seed=seed, on_batch=on_restart_batch)
+        rows = puzzle_scores(puzzles, chosen.answers, solutions)
+        result[f"best_of_{best_of_attempts}"] = dict(
+            max_attempts=best_of_attempts, mean_attempts=float(np.mean(chosen.attempts)), count=len(rows),
+            seconds=time.perf_counter() - began, report=bucket_report(rows), by_givens=by_givens(rows))
+    return result

@@ -26,9 +26,12 @@ class SudokuEvalOptions:
 
 
 def build(config, data_config, tokenizer, workdir: str):
-    """The prompt format is the training data's (`data.options.format`)."""
+    """The prompt format, and whether givens are clamped in the canvas, are the training data's
+    (`data.options.format`, `data.options.clamp_givens`)."""
     options = SudokuEvalOptions(**dict(config.options))
-    fmt = make_format(options_of(data_config).format if data_config.source == "sudoku" else "compact", tokenizer)
+    data_options = options_of(data_config) if data_config.source == "sudoku" else None
+    fmt = make_format(data_options.format if data_options else "compact", tokenizer)
+    clamp = bool(data_options and data_options.clamp_givens)  # a model trained with clamped givens is sampled so
     puzzles, solutions = sudoku_eval.eval_puzzles(config.num_examples, seed=config.seed,
                                                   min_givens=options.min_givens, max_givens=options.max_givens)
 
@@ -36,7 +39,7 @@ def build(config, data_config, tokenizer, workdir: str):
         sampler = sudoku_eval.sampler_config(fmt, model.config.canvas_length, **sampler_settings(config))
         try:
             answers = sudoku_eval.solve_diffusion(model, puzzles, fmt, sampler, batch_size=config.batch_size,
-                                                  seed=config.seed, should_stop=should_stop)
+                                                  seed=config.seed, should_stop=should_stop, clamp_givens=clamp)
         except sudoku_eval.Stopped:
             return None
         report = sudoku_eval.score(puzzles, answers, solutions)

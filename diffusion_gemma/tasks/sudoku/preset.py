@@ -1,8 +1,10 @@
-"""`sudoku_small`: the released architecture sized for Sudoku from scratch."""
+"""`sudoku_small`: the released architecture sized for Sudoku from scratch; `compact_grid_rope`: the cell
+geometry of the compact format's layout, for a model config to opt into."""
 
 from __future__ import annotations
 
-from diffusion_gemma.config import ModelConfig, RopeConfig
+from diffusion_gemma.config import GridRope, ModelConfig, RopeConfig
+from diffusion_gemma.tasks.sudoku.formats import CompactFormat
 
 
 def sudoku_small(**overrides) -> ModelConfig:
@@ -18,3 +20,15 @@ def sudoku_small(**overrides) -> ModelConfig:
                   rope_global=RopeConfig.first_period(9, 64))
     kwargs.update(overrides)
     return ModelConfig.build(**kwargs)
+
+
+def compact_grid_rope(**overrides) -> GridRope:
+    """`ModelConfig.grid_rope` for the compact layout: `<bos>`, the puzzle's 81 cells, then the canvas's 81
+    solution cells, each board row-major with 3x3 boxes. The sliding layers' rotary then turns with each cell's
+    segment (prefix / puzzle / answer), row, column and box (equal shares); full layers keep their 1-D rotary.
+    In a config file: `overrides={"grid_rope": dataclasses.asdict(compact_grid_rope())}`."""
+    cells = CompactFormat.ANSWER_LENGTH
+    kwargs = dict(prefix_length=CompactFormat.PROMPT_LENGTH - cells, rows=9, cols=9, block_rows=3, block_cols=3,
+                  segments=3)
+    kwargs.update(overrides)
+    return GridRope(**kwargs)

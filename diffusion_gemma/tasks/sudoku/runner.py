@@ -39,32 +39,49 @@ def prompt_format(model: DiffusionGemma, name: str | None = None, tokenizer_path
 
 
 def run(model: DiffusionGemma, sets: Sequence[PuzzleSet], fmt: SudokuFormat, *, decoder: str,
-        sampler: SamplerConfig | None, batch_size: int, seed: int, progress: bool = True) -> list[dict]:
-    """Every set solved and scored on its own: [{name, source, solutions, ...evaluate_set's fields}]."""
+        sampler: SamplerConfig | None, batch_size: int, seed: int, progress: bool = True,
+        best_of: int = 1) -> list[dict]:
+    """Every set solved and scored on its own: [{name, source, solutions, ...evaluate_set's fields}]; `best_of`
+    N > 1 adds each set's rule-checked best of N under `best_of_N` (`evaluate_set`)."""
     results = []
     for puzzle_set in sets:
         with tqdm(total=len(puzzle_set), desc=f"{decoder} {puzzle_set.name}", unit="puzzle", disable=not progress,
-                  dynamic_ncols=True) as bar:
+                  dynamic_ncols=True) as bar, \
+                tqdm(desc=f"restarts {puzzle_set.name}", unit="puzzle", disable=not progress or best_of < 2,
+                     dynamic_ncols=True) as restarts:
             scores = sudoku_eval.evaluate_set(model, puzzle_set.puzzles, fmt, decoder, sampler,
                                               solutions=puzzle_set.solutions, batch_size=batch_size, seed=seed,
-                                              on_batch=bar.update)
+                                              on_batch=bar.update, best_of_attempts=best_of,
+                                              on_restart_batch=restarts.update)
         results.append(dict(name=puzzle_set.name, source=puzzle_set.source,
                             solutions=puzzle_set.solutions_source, **scores))
     return results
 
 
 def document(results: list[dict], *, model: DiffusionGemma, model_source: dict, format_name: str, decoder: str,
-             sampler: SamplerConfig | None, batch_size: int, seed: int, limit: int | None) -> dict:
+             sampler: SamplerConfig | None, batch_size: int, seed: int, limit: int | None,
+             best_of: int = 1) -> dict:
     """The JSON file's content. `sampler` is None for the autoregressive decoder (greedy, one token per
-    forward)."""
+    forward). `best_of` is recorded only when > 1 (its sets then hold `best_of_N`): without it the document is
+    the plain run's alone."""
+    extra = dict(best_of=best_of) if best_of > 1 else {}
     return dict(schema=SCHEMA, model=dict(model_source, vocab_size=model.config.vocab_size,
                                           canvas_length=model.config.canvas_length),
                 format=format_name, decoder=decoder,
                 sampler=dataclasses.asdict(sampler) if sampler is not None else None,
-                batch_size=batch_size, seed=seed, limit=limit, sets=results)
+                batch_size=batch_size, seed=seed, limit=limit, **extra, sets=results)
 
 
 def tables(doc: dict) -> str:
-    """`format_table` for every set of a document."""
-    return "\n\n".join(sudoku_eval.format_table(s["report"], f"{s['name']} ({doc['decoder']}, {s['seconds']:.1f} s)")
-                       for s in doc["sets"])
+    """`format_table` for every set of a document; a rule-checked best of N gets its own table after its set's
+    plain one."""
+    out = []
+    for s in doc["sets"]:
+        out.append(sudoku_eval.format_table(s["report"], f"{s['name']} ({doc['decoder']}, {s['seconds']:.1f} s)"))
+        chosen = s.get(f"best_of_{doc.get('best_of', 1)}")
+        if chosen is not None:
+            out.append(sudoku_eval.format_table(
+                chosen["report"], f"{s['name']} ({doc['decoder']}, best_of_{chosen['max_attempts']}: rule-checked "
+                f"restarts, {chosen['mean_attempts']:.2f} attempts per puzzle, forwards summed over them, "
+                f"{chosen['seconds']:.1f} s)"))
+    return "\n\n".join(out)
