@@ -63,6 +63,14 @@ registry.MODEL_PRESETS.register("countdown_tiny", lambda **overrides: ModelConfi
 '''
 
 
+def _run_python(script: str, env: dict | None = None) -> str:
+    """stdout of `script` in a fresh interpreter (nothing imported yet) that must succeed."""
+    env = env or dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def _install_toy_task(root) -> dict:
     """A package plus a dist-info whose entry_points.txt names it, on PYTHONPATH: what `pip install` leaves."""
     (root / "countdown_task").mkdir()
@@ -88,9 +96,7 @@ def test_an_installed_task_is_found_by_name_without_any_core_change(tmp_path):
         print(json.dumps({"ids": batch["input_ids"][0].tolist(), "supervised": batch["supervised_mask"][0].tolist(),
                           "tasks": sorted(m for m in sys.modules if m.startswith("diffusion_gemma.tasks."))}))
     """)
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = json.loads(_run_python(script, env).strip().splitlines()[-1])
     ids = out["ids"]
     assert ids[0] == 2 and ids[2:] == [ids[1] - 1, ids[1] - 2, 1, 1, 0, 0], ids  # countdown, EOS fill, pad
     assert out["supervised"] == [False, False, True, True, True, True, False, False]
@@ -103,10 +109,8 @@ def test_the_core_loads_no_task_for_a_config_that_names_none():
               "from diffusion_gemma.training.config import TrainConfig\n"
               "TrainConfig()\n"
               "print(sorted(m for m in sys.modules if m.startswith('diffusion_gemma.tasks')))\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=REPO))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+    stdout = _run_python(script)
+    assert stdout.strip() == "[]"
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -169,10 +173,8 @@ def test_the_registry_alone_lists_every_name():
               "print(json.dumps([registry.DATA_SOURCES.names(), registry.EVALUATORS.names(),"
               " registry.MODEL_PRESETS.names()]))\n"
               "print(registry.MODEL_PRESETS.get('tiny')().num_layers)\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            env=dict(os.environ, PYTHONPATH=REPO))
-    assert result.returncode == 0, result.stderr
-    names, layers = result.stdout.strip().splitlines()
+    stdout = _run_python(script)
+    names, layers = stdout.strip().splitlines()
     sources, evaluators, presets = json.loads(names)
     assert {"chat_jsonl", "synthetic", "sudoku"} <= set(sources)
     assert {"samples", "sudoku"} <= set(evaluators)
