@@ -2,6 +2,9 @@
 
 from setuptools import find_packages, setup
 
+# The JAX release the test suite and the TPU extra pin (libtpu must match it exactly).
+JAX_VERSION = "0.10.2"
+
 setup(
     name="diffusion_gemma",
     version="0.1.0",
@@ -30,8 +33,12 @@ setup(
     extras_require={
         # Reference-parity tests run the transformers implementation on the CPU build of torch; the Sudoku plot
         # tests need matplotlib; tests/test_colabs.py executes the notebooks with nbclient on an ipykernel.
+        # tests/test_aot.py compiles for TPU topologies on the CPU: libtpu, in the version this JAX names.
         "dev": ["pytest>=8", "pytest-xdist>=3.5", "transformers==5.25.0", "torch==2.13.0", "matplotlib>=3.8",
-                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", f"jax[tpu]=={JAX_VERSION}"],
+        # `python -m diffusion_gemma.aot` (compile for a TPU slice on any host) and running on TPUs: the libtpu
+        # that JAX's own `tpu` extra pins for this JAX version.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         # experiments/sudoku/plots.py (diffusion_gemma.tasks.sudoku.plotting).
         "plots": ["matplotlib>=3.8"],
         # What the notebooks in colabs/ import besides this package (Colab preinstalls them): plots, and

@@ -23,8 +23,10 @@ def reference(lora: bool) -> ml_collections.ConfigDict:
     config.grad_accum_steps = 1
     config.log_every = 1
     config.freeze_router = True
-    config.model = dict(preset="gemma4_26b_a4b", overrides={}, dtype="bfloat16", param_dtype="float32",
-                        remat="full", init_hf_dir="", init_checkpoint="")
+    # Experts split over the 'expert' mesh axis (every device by default) and exchanged with all-to-all;
+    # "expert_parallel_ragged" sends exactly the routed rows instead (GPU/TPU only).
+    config.model = dict(preset="gemma4_26b_a4b", overrides={"moe_impl": "expert_parallel"}, dtype="bfloat16",
+                        param_dtype="float32", remat="full", init_hf_dir="", init_checkpoint="")
     config.optimizer = dict(learning_rate=1.5e-4, end_learning_rate=1.5e-5, warmup_steps=25, b1=0.95, b2=0.99,
                             eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
     config.lora = dict(enabled=lora, rank=16, alpha=32.0)

@@ -90,6 +90,14 @@ def make_mesh(config: MeshConfig = MeshConfig(), devices: Iterable[jax.Device] |
     return jax.make_mesh(shape, MESH_AXES, axis_types=(SHARDING_MODE,) * len(MESH_AXES), devices=devices)
 
 
+def check_expert_split(num_experts: int, mesh_shape: dict[str, int], expert_axis: str = EXPERT_AXIS) -> None:
+    """The expert-parallel MoE gives each device on `expert_axis` whole experts: their number must divide."""
+    shards = mesh_shape.get(expert_axis, 1)
+    if num_experts % shards:
+        raise ShardingError(f"{num_experts} experts cannot be split over the {expert_axis!r} mesh axis of size "
+                            f"{shards} (set mesh.expert to a divisor of {num_experts})")
+
+
 # ------------------------------------------------------------------------------------------------------ rules
 def logical_to_spec(logical_axes: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh,
                     rules: tuple[tuple[str, tuple[str, ...]], ...] = LOGICAL_AXIS_RULES) -> P:
@@ -227,6 +235,15 @@ def process_batch_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place every array of a (pytree) batch with its leading dim split over the mesh (`batch_spec`)."""
     return jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, batch_spec(mesh, np.shape(x)))), batch)
+
+
+def gather_whole(x: jax.Array) -> jax.Array:
+    """Inside a trace under `jax.set_mesh`: a weight gathered whole on every device (FSDP's gather before use).
+    A no-op without an ambient mesh or inside `shard_map`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or any(t == AxisType.Manual for t in mesh.axis_types):
+        return x
+    return jax.lax.with_sharding_constraint(x, P())
 
 
 def constrain_batch(x: jax.Array) -> jax.Array:

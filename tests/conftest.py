@@ -7,6 +7,8 @@ import tempfile
 # FMA contraction and moved one encoder hidden state of the parity tests past its rounding bound.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The AOT tests load libtpu for compile-only TPU devices; parallel workers would otherwise fight over its lock file.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 

@@ -57,8 +57,8 @@ def _config(model: dict, data: DataConfig) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def sudoku_run(tmp_path_factory):
-    """configs/sudoku.py's default in miniature: compact format, vocabulary 16, one 81-cell canvas, the
-    row-period rotary on the full layers."""
+    """configs/sudoku.py:row_rope (the default without the cell geometry, which HF cannot carry) in miniature:
+    compact format, vocabulary 16, one 81-cell canvas, the row-period rotary on the full layers."""
     model = dict(SMALL, vocab_size=16, canvas_length=81, rope_global=dataclasses.asdict(RopeConfig.first_period(9, 16)))
     data = DataConfig(source="sudoku", seq_length=163, block_size=81, global_batch_size=8, num_synthetic_examples=16,
                       options=dict(format="compact", min_givens=35, max_givens=60))

@@ -259,7 +259,7 @@ def test_sudoku_compact_preset_lines_each_answer_cell_up_with_its_given():
         assert model_config.grid_rope == grid  # both widths split their sliding heads' pairs evenly
 
 
-def test_the_grid_variant_of_the_sudoku_config_changes_only_the_geometry():
+def test_the_sudoku_default_is_the_row_rope_variant_plus_the_geometry():
     import importlib.util
 
     from diffusion_gemma.tasks.sudoku.preset import compact_grid_rope
@@ -269,10 +269,10 @@ def test_the_grid_variant_of_the_sudoku_config_changes_only_the_geometry():
     spec = importlib.util.spec_from_file_location("sudoku_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    default, grid = (from_config_dict(module.get_config(v)) for v in ("", "grid"))
-    overrides = dict(grid.model.overrides)
+    default, grid, row_rope = (from_config_dict(module.get_config(v)) for v in ("", "grid", "row_rope"))
+    assert grid == default  # the A/B's name for it
+    overrides = dict(default.model.overrides)
     geometry = overrides.pop("grid_rope")
-    assert overrides == dict(default.model.overrides)
-    assert dataclasses.replace(grid, model=dataclasses.replace(grid.model, overrides=default.model.overrides)) == \
-        default
+    assert overrides == dict(row_rope.model.overrides)
+    assert dataclasses.replace(default, model=dataclasses.replace(default.model, overrides=overrides)) == row_rope
     assert GridRope(**geometry) == compact_grid_rope()

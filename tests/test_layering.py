@@ -18,9 +18,12 @@ TASKS = f"{PACKAGE}.tasks"
 # Package (or module) -> the packages of this library it must not import (docs/DESIGN.md, "What each package
 # may import").
 FORBIDDEN = {
-    f"{PACKAGE}.model": ("objective", "sampling", "training", "data", "checkpoints", "tasks"),
-    f"{PACKAGE}.objective": ("training", "checkpoints", "data"),
-    f"{PACKAGE}.sampling": ("training", "checkpoints", "data"),
+    f"{PACKAGE}.model": ("objective", "sampling", "training", "data", "checkpoints", "tasks", "aot"),
+    f"{PACKAGE}.objective": ("training", "checkpoints", "data", "aot"),
+    f"{PACKAGE}.sampling": ("training", "checkpoints", "data", "aot"),
+    f"{PACKAGE}.data": ("aot",),
+    f"{PACKAGE}.checkpoints": ("aot",),
+    f"{PACKAGE}.training": ("aot",),
 }
 
 

@@ -554,10 +554,13 @@ def test_ablation_config_variants_change_one_thing_each():
     from diffusion_gemma.training.setup import model_config_for
 
     ablation = load_script("ablation_config")
-    default = model_config_for(from_config_dict(load_sudoku_config("")))
-    assert default.rope_global == RopeConfig.first_period(9, 32)
+    base = model_config_for(from_config_dict(load_sudoku_config("row_rope")))  # the recipe the A/Bs started from
+    assert base.rope_global == RopeConfig.first_period(9, 32) and base.grid_rope is None
     row = from_config_dict(ablation.get_config("row_rope"))
-    assert model_config_for(row) == default and row.num_steps == 300
+    assert model_config_for(row) == base and row.num_steps == 300
+    grid = from_config_dict(ablation.get_config("grid+steps800"))
+    assert model_config_for(grid) == model_config_for(from_config_dict(load_sudoku_config("")))  # the default
+    assert grid.num_steps == 800 and grid.evaluation.every_steps == 400
     gemma = model_config_for(from_config_dict(ablation.get_config("gemma_rope")))
     assert gemma.rope_global == ModelConfig.tiny().rope_global and gemma.rope_local == ModelConfig.tiny().rope_local
     local = model_config_for(from_config_dict(ablation.get_config("row_rope_local")))

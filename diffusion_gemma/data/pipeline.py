@@ -102,6 +102,15 @@ def _as_features(index: int, example: SftExample) -> dict[str, np.ndarray]:
             "example_index": np.int32(index)}
 
 
+def batch_shapes(config: DataConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Each feature of a global batch (`make_dataset` over all rows) -> (shape, dtype), without reading data: what
+    an ahead-of-time compile of the training step takes as its batch."""
+    rows, length = (config.global_batch_size,), (config.global_batch_size, config.seq_length)
+    return {"input_ids": (length, np.dtype(np.int32)), "attention_mask": (length, np.dtype(bool)),
+            "supervised_mask": (length, np.dtype(bool)), "clamped_mask": (length, np.dtype(bool)),
+            "response_start": (rows, np.dtype(np.int32)), "example_index": (rows, np.dtype(np.int32))}
+
+
 def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
                  rows: tuple[int, int] | None = None) -> grain.IterDataset:
     """Shuffle over as many epochs as `num_steps` needs, number the examples of the global stream, batch them

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from diffusion_gemma.model.moe_ops import combine, grouped_ffn, mask_assignments, route
+from diffusion_gemma import sharding
 from diffusion_gemma.sharding import EXPERT_AXIS
 
 DISPATCHES = ("all_to_all", "ragged")
@@ -72,10 +73,7 @@ def moe_expert_parallel(residual: jax.Array, normed: jax.Array, token_mask: jax.
                          f"diffusion_gemma.sharding.make_mesh and trace under `with jax.set_mesh(mesh):` "
                          f"(current mesh: {mesh})")
     expert_shards = mesh.shape[expert_axis]
-    num_experts = gate_up.shape[0]
-    if num_experts % expert_shards:
-        raise ValueError(f"{num_experts} experts cannot be split over the {expert_axis!r} mesh axis of size "
-                         f"{expert_shards}")
+    sharding.check_expert_split(gate_up.shape[0], dict(mesh.shape), expert_axis)
     num_tokens = residual.shape[0]
     if token_mask is None:
         token_mask = jnp.ones((num_tokens,), bool)

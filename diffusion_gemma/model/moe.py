@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from diffusion_gemma import sharding
 from diffusion_gemma.model import expert_parallel
 from diffusion_gemma.model.layers import init_normal
 from diffusion_gemma.model.lora import effective_kernel
@@ -67,6 +68,10 @@ class MoE(nnx.Module):
                 gate_up, down, top_k=self.top_k, eps=self.eps, dispatch=EXPERT_PARALLEL_DISPATCH[self.impl],
                 capacity_factor=self.capacity_factor)
         else:
+            # Data-parallel experts: every device runs its own tokens through all experts, so the FSDP-split expert
+            # weights are gathered whole here (as FSDP gathers every kernel). Left to itself, the partitioner may
+            # follow the weights' split of the model dim instead and gather the activations whole to reshard them.
+            gate_up, down = sharding.gather_whole(gate_up), sharding.gather_whole(down)
             weights, experts = route(tokens, router_proj, self.router_scale[...], self.per_expert_scale[...],
                                      top_k=self.top_k, eps=self.eps)
             weights, experts = mask_assignments(weights, experts, token_mask, gate_up.shape[0])

@@ -32,14 +32,25 @@ def train_flops_per_token(config, *, prompt_tokens: float, canvas_tokens: float,
     """Model FLOPs per optimizer-step token: 2 * active params per token and pass (encoder over the sequence,
     two decoder passes over the canvas, pass 1 forward only), x3 for backward where it applies (LoRA skips
     the weight gradients, ~x2). Attention scores are ignored (small at these lengths)."""
+    active = active_params_per_token(config)
+    backward = 2.0 if lora else 3.0
+    per_sequence = 2 * active * (prompt_tokens * backward + canvas_tokens * (1 + backward))
+    return per_sequence / max(prompt_tokens + canvas_tokens, 1)
+
+
+def active_params_per_token(config) -> int:
+    """The weights one token multiplies in one stack pass: attention, dense MLP, router, its top-k experts and the
+    tied LM head (2 x this = forward FLOPs per token, the "6N" rule's N for training)."""
     d, experts = config.hidden_size, config.top_k * 3 * d_expert(config)
     attention = sum(d * config.num_heads * hd * 2 + d * kv * hd * (2 if t == "sliding_attention" else 1)
                     for t, hd, kv in config.layer_specs)
     dense = config.num_layers * (3 * d * config.intermediate_size + d * config.num_experts + experts)
-    active = attention + dense + d * config.vocab_size
-    backward = 2.0 if lora else 3.0
-    per_sequence = 2 * active * (prompt_tokens * backward + canvas_tokens * (1 + backward))
-    return per_sequence / max(prompt_tokens + canvas_tokens, 1)
+    return attention + dense + d * config.vocab_size
+
+
+def expert_params_per_token(config) -> int:
+    """The routed experts' share of `active_params_per_token`: top_k experts' three matrices in every layer."""
+    return config.num_layers * config.top_k * 3 * d_expert(config)
 
 
 def d_expert(config) -> int:

@@ -160,11 +160,15 @@ def build(config: TrainConfig, mesh: Mesh, *, abstract: bool = False) -> TrainSe
     """The model, its optimizer and its state on `mesh`, as `config` says; `abstract`: shapes only."""
     model_config = model_config_for(config)
     with jax.set_mesh(mesh):
+        if abstract:  # the initial weights' shapes are their config's: read no tensor
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, init_hf_dir="",
+                                                                           init_checkpoint=""))
         make = lambda: build_model(config, model_config, mesh)  # noqa: E731
-        model = _abstract_model(make, mesh) if abstract else make()
-        tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
-        state = TrainState.create(model, tx, opt_lib.trainable_filter(config.lora.enabled, config.freeze_router),
-                                  mesh)
+        model = abstract_model(make, mesh) if abstract else make()
+    # Outside the mesh: optax builds the moments' layout by running `init` eagerly on placeholders, which must
+    # not land on the mesh's devices (compile-only ones cannot run anything).
+    tx = opt_lib.make_optimizer(config.optimizer, config.num_steps)
+    state = TrainState.create(model, tx, opt_lib.trainable_filter(config.lora.enabled, config.freeze_router), mesh)
     return TrainSetup(mesh=mesh, model_config=model_config, settings=objective_settings(config), tx=tx,
                       schedule=opt_lib.learning_rate_schedule(config.optimizer, config.num_steps),
                       grad_accum_steps=config.grad_accum_steps, state=state, lora=orbax_io.lora_metadata(model))
@@ -179,7 +183,7 @@ def checkpointer(config: TrainConfig, workdir: str, built: TrainSetup, tokenizer
         hf_source=config.model.init_hf_dir or config.model.init_checkpoint, tokenizer=tokenizer)
 
 
-def _abstract_model(make: Callable[[], DiffusionGemma], mesh: Mesh) -> DiffusionGemma:
+def abstract_model(make: Callable[[], DiffusionGemma], mesh: Mesh) -> DiffusionGemma:
     """`make()`'s shapes, dtypes and shardings (`nnx.eval_shape` alone drops the shardings)."""
     model = nnx.eval_shape(make)
     nnx.update(model, _with_shardings(nnx.state(model), sharding.state_shardings(model, mesh)))

@@ -40,6 +40,7 @@ def parse_args(argv):
     parser.add_argument("--moe_impl", default="grouped")
     parser.add_argument("--repeats", type=int, default=1, help="fresh subprocesses per point (median reported)")
     parser.add_argument("--threads", type=int, default=0, help="XLA:CPU threads (0: default)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds per subprocess (default: none)")
     parser.add_argument("--output", default=None, help="write the results here as JSON (atomically)")
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_result", default=None, help=argparse.SUPPRESS)
@@ -97,7 +98,7 @@ def main(argv=None):
             for repeat in range(args.repeats):
                 common.log(f"compile: {mode} layers={layers} ({repeat + 1}/{args.repeats})")
                 runs.append({"layers": layers, "mode": mode,
-                             **common.run_worker(__file__, base_argv, f"{layers}:{mode}")})
+                             **common.run_worker(__file__, base_argv, f"{layers}:{mode}", args.timeout)})
                 print(json.dumps(runs[-1]), flush=True)
             ok = [r for r in runs if "error" not in r]
             row = dict(ok[0] if ok else runs[0], repeats=runs)

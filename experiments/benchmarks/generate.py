@@ -36,6 +36,8 @@ PRESETS = {
     # Closer to the released shape (full vocabulary) for an accelerator.
     "gpu": ("released", 12, dict(hidden_size=1024, intermediate_size=2048, num_heads=8, num_kv_heads=4, head_dim=128,
                                  global_head_dim=256, num_experts=32, top_k=4, moe_intermediate_size=512)),
+    # The test-suite model at two layers (one sliding, one full): a smoke run of the script.
+    "tiny": ("tiny", 2, {}),
 }
 
 

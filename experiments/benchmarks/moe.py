@@ -49,6 +49,8 @@ def parse_args(argv):
     parser.add_argument("--variants", help="comma-separated: dense, grouped, expert_parallel[@capacity_factor], "
                                            "expert_parallel_ragged")
     parser.add_argument("--repeats", type=int)
+    parser.add_argument("--model", default=RELEASED,
+                        help="library preset whose MoE layer shapes are measured (tiny: a smoke run of the script)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -71,7 +73,7 @@ def main(argv=None):
     from diffusion_gemma import registry, sharding
     from diffusion_gemma.model import expert_parallel, moe
 
-    config = registry.MODEL_PRESETS.get(RELEASED)()
+    config = registry.MODEL_PRESETS.get(args.model)()
     DIM, EXPERTS, TOP_K, EXPERT_DIM = config.hidden_size, config.num_experts, config.top_k, config.moe_intermediate_size
     eps, std = config.rms_norm_eps, config.initializer_range
     # The model's own MoE parameters' logical axes, keyed by parameter name.
