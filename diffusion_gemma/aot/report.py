@@ -184,11 +184,11 @@ def refused_report(program, out_of_memory: OutOfMemory, topology: Topology, *, c
 
 
 def _by_kind(stats: hlo_stats.HloStats) -> dict[str, tuple[float, int]]:
-    out: dict[str, tuple[float, int]] = {}
+    """Kind -> (bytes sent per device, executions) per call."""
+    counts: dict[str, int] = {}
     for collective in stats.collectives:
-        total, count = out.get(collective.kind, (0.0, 0))
-        out[collective.kind] = (total + collective.wire_bytes * collective.executions, count + collective.executions)
-    return out
+        counts[collective.kind] = counts.get(collective.kind, 0) + collective.executions
+    return {kind: (total, counts[kind]) for kind, total in stats.collective_bytes_by_kind().items()}
 
 
 def per_layer_collectives(stats: hlo_stats.HloStats, layer_loop_trips: int, num_layers: int) -> dict[str, Any]:

@@ -26,13 +26,13 @@ from packaging.version import InvalidVersion, Version
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# What travels to the GPU machine as wheels (its image, as KINDS.md lists it, 2026-11-17): the distributions our
-# requirements need that it lacks (grain, array-record, portpicker, ml-collections, tensorboardX), transformers
-# at our pin (the image's 5.17 predates 5.23, which brought DiffusionGemma) with what it needs beyond the image
-# (huggingface-hub >= 2.4 with httpx2, httpcore2 and truststore; kernels with tomlkit), and three that the image
-# has in a version nobody read, which transformers or huggingface-hub need at a minimum (regex, click, hf-xet).
-# Each travels at the version installed here, the one the test suite runs with; `select` installs a wheel only
-# where the machine's copy is missing or older.
+# What travels to the GPU machine as wheels (the package list its image was published with, read 2026-11-17): the
+# distributions our requirements need that it lacks (grain, array-record, portpicker, ml-collections,
+# tensorboardX), transformers at our pin (the image's 5.17 predates 5.23, which brought DiffusionGemma) with what
+# it needs beyond the image (huggingface-hub >= 2.4 with httpx2, httpcore2 and truststore; kernels with tomlkit),
+# and three that the image has in a version nobody read, which transformers or huggingface-hub need at a minimum
+# (regex, click, hf-xet). Each travels at the version installed here, the one the test suite runs with; `select`
+# installs a wheel only where the machine's copy is missing or older.
 CARRIED = ("transformers", "huggingface-hub", "httpx2", "httpcore2", "truststore", "kernels", "tomlkit", "regex",
            "click", "hf-xet", "grain", "array-record", "portpicker", "ml-collections", "tensorboardX")
 
