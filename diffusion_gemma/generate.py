@@ -56,6 +56,7 @@ _STRATEGY = flags.DEFINE_enum("strategy", None, list(sampler_lib.ACCEPTANCE_RULE
 _ENTROPY_BOUND = flags.DEFINE_float("entropy_bound", None, "Bound of the entropy_bound rule.")
 _ACCEPT_CONFIDENCE = flags.DEFINE_float("accept_confidence", None, "Threshold of the confidence rule.")
 _ACCEPT_TOP_K = flags.DEFINE_integer("accept_top_k", None, "k of the top_k rule.")
+_ACCEPT_MARGIN = flags.DEFINE_float("accept_margin", None, "Top-two probability margin of the margin rule.")
 _GREEDY = flags.DEFINE_bool("greedy", False, "Take the argmax instead of sampling.")
 _FIXED_STEPS = flags.DEFINE_bool("fixed_steps", False, "Run every canvas for exactly max_denoising_steps steps.")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -104,7 +105,8 @@ class Answer:
 def sampler_overrides(**flag_values) -> dict:
     """Flag values -> SamplerConfig fields (unset flags left out)."""
     names = dict(max_new_tokens="max_new_tokens", max_denoising_steps="max_denoising_steps", strategy="acceptance",
-                 entropy_bound="entropy_bound", accept_confidence="accept_confidence", accept_top_k="accept_top_k")
+                 entropy_bound="entropy_bound", accept_confidence="accept_confidence", accept_top_k="accept_top_k",
+                 accept_margin="accept_margin")
     overrides = {names[k]: v for k, v in flag_values.items() if k in names and v is not None}
     if flag_values.get("greedy"):
         overrides["greedy"] = True
@@ -267,7 +269,8 @@ def main(argv):
     config = loaded.sampler_config().replace(**sampler_overrides(
         max_new_tokens=_MAX_NEW_TOKENS.value, max_denoising_steps=_MAX_STEPS.value, strategy=_STRATEGY.value,
         entropy_bound=_ENTROPY_BOUND.value, accept_confidence=_ACCEPT_CONFIDENCE.value,
-        accept_top_k=_ACCEPT_TOP_K.value, greedy=_GREEDY.value, fixed_steps=_FIXED_STEPS.value))
+        accept_top_k=_ACCEPT_TOP_K.value, accept_margin=_ACCEPT_MARGIN.value, greedy=_GREEDY.value,
+        fixed_steps=_FIXED_STEPS.value))
     for line in lines:  # each template's problem named by where it came from, before any generation
         if line.template is not None:
             try:

@@ -378,3 +378,24 @@ def test_find_max_batch_compiles_the_trainers_step_at_each_probed_batch(monkeypa
     truth = int((parsed.chip.hbm_bytes - 4e9) / 1.5e9) // 8 * 8
     assert found["largest"] == truth and found["smallest_failing"] == truth + 8 and found["exact"]
     assert all(batch % 8 == 0 for batch in compiled_batches) and 8 not in compiled_batches  # batch 8 was given
+
+
+def test_results_table_lists_each_program_and_each_search_once(tmp_path):
+    """experiments/benchmarks/aot_table.py on recorded reports: one row per program, a refusal says by how much,
+    and a batch search goes to its own table (not again as its base row)."""
+    results = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks", "results", "aot")
+    with open(os.path.join(results, "lora_v6e-8.json")) as f:
+        base = json.load(f)
+    searched = dict(base, max_batch=dict(largest=8, smallest_failing=16, exact=True, granule=8, probes=[
+        dict(batch=8, total_bytes=27.2e9, fits=True), dict(batch=16, total_bytes=41.0e9, fits=False)]))
+    (tmp_path / "lora_v6e-8.json").write_text(json.dumps(base))
+    (tmp_path / "max_batch_lora_v6e-8.json").write_text(json.dumps(searched))
+    with open(os.path.join(results, "sft_v6e-8.json")) as f:
+        (tmp_path / "sft_v6e-8.json").write_text(f.read())
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "benchmarks", "aot_table.py")
+    table = subprocess.run([sys.executable, script, str(tmp_path)], capture_output=True, text=True, check=True).stdout
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == ["lora_v6e-8", "sft_v6e-8", "max_batch_lora_v6e-8"]
+    assert "27.2 (12.7 args + 14.5 temp): fits" in rows[0]
+    assert "does not fit: needs > 73.4 GiB of 31.25 GiB" in rows[1]
+    assert rows[2].startswith("| `max_batch_lora_v6e-8` | v6e-8 (8 chips) | 8 | 8: 27.2 GB, 16: 41.0 GB (does not fit)")

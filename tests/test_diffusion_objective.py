@@ -17,7 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.objective import sft as objective, randomness
 from diffusion_gemma.objective.batching import SftBatch
-from diffusion_gemma.objective.sft import (FULL_RESPONSE, ObjectiveSettings, denoise_canvas, loss_counts, loss_fn,
+from diffusion_gemma.objective.sft import (AR_RESPONSE, FULL_RESPONSE, ObjectiveSettings, denoise_canvas, loss_counts, loss_fn,
                                            micro_batch_loss_fn, prepare_canvas)
 from diffusion_gemma.objective.self_conditioning import sample_coins
 from diffusion_gemma.model import moe as moe_module
@@ -25,7 +25,9 @@ from diffusion_gemma.model.layers import rms_norm
 from diffusion_gemma.model.lora import LoRA
 from diffusion_gemma.model.moe import ROUTER_PARAMS
 from diffusion_gemma.model.transformer import DiffusionGemma
+from diffusion_gemma.training.config import TrainConfigError, from_config_dict
 from diffusion_gemma.training.optimizer import trainable_filter
+from diffusion_gemma.training.setup import objective_settings
 
 VOCAB, EOS, PAD = 32, 1, 0
 BLOCK, LENGTH, BATCH = 4, 24, 8
@@ -258,6 +260,37 @@ def test_the_router_trains_when_unfrozen_and_through_a_lora_adapter_on_it():
     trained = {path for path, _ in nnx.to_flat_state(adapter_grads)}
     assert trained == {("router_proj_lora", "a"), ("router_proj_lora", "b")}
     assert np.abs(np.asarray(adapter_grads["router_proj_lora"]["b"][...])).max() > 0  # (a's is 0 while b is 0)
+
+
+@functools.partial(jax.jit, compiler_options=QUICK_COMPILE)
+def _encoder_logits(params, ids, attention):
+    model = nnx.merge(GRAPHDEF, params, BUFFERS)
+    _, hidden = model.encode(ids, padding_mask=attention)
+    return model.lm_logits(hidden[:, :-1])
+
+
+def test_ar_on_the_response_predicts_only_supervised_tokens(selected_run):
+    """ar_targets=response: the AR term is the encoder's next-token loss over the pairs whose predicted token is
+    supervised, the model-free count agrees, and the diffusion term is untouched."""
+    _, metrics, _ = selected_run
+    settings = ObjectiveSettings(block_size=BLOCK, ar_targets=AR_RESPONSE)
+    _, response_metrics = jax.device_get(jax.jit(loss_fn, static_argnums=(0, 4), compiler_options=QUICK_COMPILE)(
+        GRAPHDEF, PARAMS, BATCH_DATA, RNG, settings, BUFFERS))
+    logits = np.asarray(_encoder_logits(PARAMS, BATCH_DATA.input_ids, BATCH_DATA.attention_mask))
+    log_probs = logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))
+    ids, real = np.asarray(BATCH_DATA.input_ids), np.asarray(BATCH_DATA.attention_mask)
+    token_losses = -np.take_along_axis(log_probs, ids[:, 1:, None], axis=-1)[..., 0]
+    response_pairs = real[:, :-1] & real[:, 1:] & np.asarray(BATCH_DATA.supervised_mask)[:, 1:]
+    ar_sum, ar_count = response_metrics["ar_loss"]
+    assert 0 < ar_count == response_pairs.sum() < metrics["ar_loss"][1]
+    np.testing.assert_allclose(ar_sum, token_losses[response_pairs].sum(), rtol=1e-5)
+    assert int(loss_counts(BATCH_DATA, RNG, settings).ar) == ar_count
+    np.testing.assert_allclose(response_metrics["diffusion_loss"], metrics["diffusion_loss"], rtol=1e-6)
+    with pytest.raises(ValueError, match="ar_targets"):
+        ObjectiveSettings(ar_targets="prompt")
+    assert objective_settings(from_config_dict({"objective": {"ar_targets": "response"}})).ar_targets == AR_RESPONSE
+    with pytest.raises(TrainConfigError, match="objective.ar_targets = 'prompt'; expected 'sequence'"):
+        from_config_dict({"objective": {"ar_targets": "prompt"}})
 
 
 def test_micro_batches_add_up_to_the_global_batch(selected_run):

@@ -93,6 +93,8 @@ def test_trim_answer_and_overrides():
     overrides = cli.sampler_overrides(max_new_tokens=None, strategy="top_k", accept_top_k=4, greedy=True,
                                       fixed_steps=True, entropy_bound=None)
     assert overrides == dict(acceptance="top_k", accept_top_k=4, greedy=True, early_stop=False)
+    assert cli.sampler_overrides(strategy="margin", accept_margin=0.5, accept_top_k=None) == dict(
+        acceptance="margin", accept_margin=0.5)
 
 
 def test_step_display(hf_dir, capsys):

@@ -26,16 +26,23 @@ def masked_sum(values: jax.Array, mask: jax.Array) -> SumAndCount:
     return jnp.sum(jnp.where(mask, values, 0.0)), jnp.sum(mask, dtype=jnp.int32)
 
 
+def next_token_pairs(attention_mask: jax.Array, target_mask: jax.Array | None = None) -> jax.Array:
+    """[B, S-1] bool: the AR pairs (p, p + 1) that count, both positions real and, with `target_mask` [B, S],
+    the predicted token p + 1 inside it (e.g. the response only, so no loss goes to predicting the prompt)."""
+    real = attention_mask.astype(bool)
+    pairs = real[:, :-1] & real[:, 1:]
+    return pairs if target_mask is None else pairs & target_mask[:, 1:].astype(bool)
+
+
 def next_token_loss_sums(logits: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, *,
-                         per_example: bool = False) -> SumAndCount:
+                         per_example: bool = False, target_mask: jax.Array | None = None) -> SumAndCount:
     """Autoregressive loss of the encoder: logits [B, S-1, V] at positions 0..S-2 predict input_ids[:, 1:].
 
-    Only pairs whose two positions are both real count. Token mean (default): (sum over pairs, pair count).
+    Only the pairs of `next_token_pairs` count. Token mean (default): (sum over pairs, pair count).
     Per-example mean (Google's JAX recipe): (sum over examples of their mean, number of examples with a pair).
     """
     token_losses = token_cross_entropy(logits, input_ids[:, 1:])                               # [B, S-1]
-    real = attention_mask.astype(bool)
-    pairs = real[:, :-1] & real[:, 1:]
+    pairs = next_token_pairs(attention_mask, target_mask)
     if not per_example:
         return masked_sum(token_losses, pairs)
     example_sums = jnp.sum(jnp.where(pairs, token_losses, 0.0), axis=1)

@@ -28,6 +28,8 @@ from diffusion_gemma.model.transformer import DiffusionGemma, KVCache
 
 SELECTED_BLOCK = "selected_block"
 FULL_RESPONSE = "full_response"
+AR_SEQUENCE = "sequence"
+AR_RESPONSE = "response"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -37,7 +39,9 @@ class ObjectiveSettings:
     `canvas`: SELECTED_BLOCK trains on the chosen block only; FULL_RESPONSE runs every response block as the
     reference does (the oracle; same loss and gradients, more compute). What trains is the caller's choice: the
     gradient is taken w.r.t. `params` only (the trainer leaves the MoE router out of them,
-    `diffusion_gemma.training.optimizer.trainable_filter`).
+    `diffusion_gemma.training.optimizer.trainable_filter`). `ar_targets`: AR_SEQUENCE predicts every next token
+    of prompt and response (the reference), AR_RESPONSE only the supervised ones (a prompt the model never has to
+    write, e.g. a puzzle whose blanks are arbitrary, then costs no AR capacity).
     """
 
     block_size: int = 256
@@ -45,6 +49,7 @@ class ObjectiveSettings:
     self_conditioning_probability: float = 0.5
     ar_weight: float = 1.0
     ar_per_example: bool = False
+    ar_targets: str = AR_SEQUENCE
     num_rate_buckets: int = 4
     canvas: str = SELECTED_BLOCK
 
@@ -59,6 +64,13 @@ class ObjectiveSettings:
         if self.canvas not in (SELECTED_BLOCK, FULL_RESPONSE):
             raise ValueError(f"ObjectiveSettings.canvas = {self.canvas!r}; expected {SELECTED_BLOCK!r} or "
                              f"{FULL_RESPONSE!r}")
+        if self.ar_targets not in (AR_SEQUENCE, AR_RESPONSE):
+            raise ValueError(f"ObjectiveSettings.ar_targets = {self.ar_targets!r}; expected {AR_SEQUENCE!r} or "
+                             f"{AR_RESPONSE!r}")
+
+    def ar_target_mask(self, batch: SftBatch) -> jax.Array | None:
+        """[B, S] tokens the AR loss predicts (None: every real one)."""
+        return batch.supervised_mask if self.ar_targets == AR_RESPONSE else None
 
 
 @flax.struct.dataclass
@@ -142,8 +154,7 @@ def loss_counts(batch: SftBatch, rng: jax.Array, settings: ObjectiveSettings) ->
     per_block = batching.supervised_tokens_per_block(batch.denoised_mask, batch.response_start,
                                                      settings.block_size)
     diffusion = jnp.sum(jnp.take_along_axis(per_block, chosen[:, None], axis=1), dtype=jnp.int32)
-    real = batch.attention_mask.astype(bool)
-    pairs = real[:, :-1] & real[:, 1:]
+    pairs = losses.next_token_pairs(batch.attention_mask, settings.ar_target_mask(batch))
     ar = jnp.sum(pairs.any(axis=1) if settings.ar_per_example else pairs, dtype=jnp.int32)
     return LossCounts(diffusion=diffusion, ar=ar if settings.ar_weight != 0.0 else jnp.zeros_like(ar))
 
@@ -178,7 +189,8 @@ def model_loss_sums(model: DiffusionGemma, batch: SftBatch, rng: jax.Array,
     if settings.ar_weight != 0.0:
         encoder_logits = model.lm_logits(out.encoder_hidden[:, :-1])                            # [B, S-1, V]
         ar = losses.next_token_loss_sums(encoder_logits, batch.input_ids, batch.attention_mask,
-                                         per_example=settings.ar_per_example)
+                                         per_example=settings.ar_per_example,
+                                         target_mask=settings.ar_target_mask(batch))
         metrics["ar_loss"] = ar
     else:
         ar = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))

@@ -54,6 +54,12 @@ class ObjectiveSection:
     self_conditioning_probability: float = 0.5
     ar_weight: float = 1.0
     ar_per_example: bool = False
+    ar_targets: str = "sequence"  # or "response": the AR loss predicts the response's tokens only
+
+    def __post_init__(self):
+        if self.ar_targets not in ("sequence", "response"):
+            raise TrainConfigError(f"objective.ar_targets = {self.ar_targets!r}; expected 'sequence' (every next "
+                                   "token, the reference) or 'response' (the response's tokens only)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

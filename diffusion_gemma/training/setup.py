@@ -75,7 +75,8 @@ def objective_settings(config: TrainConfig) -> sft.ObjectiveSettings:
     return sft.ObjectiveSettings(block_size=config.data.block_size,
                                  corruption=CorruptionSettings(eps=section.noise_eps),
                                  self_conditioning_probability=section.self_conditioning_probability,
-                                 ar_weight=section.ar_weight, ar_per_example=section.ar_per_example)
+                                 ar_weight=section.ar_weight, ar_per_example=section.ar_per_example,
+                                 ar_targets=section.ar_targets)
 
 
 def tokenizer_for(config: TrainConfig):

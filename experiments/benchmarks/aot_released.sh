@@ -25,12 +25,17 @@ declare -A ROWS=(
   [lora_v5p-16]="$LORA --topology=v5p-16"
   [lora_v6e-16]="$LORA --topology=v6e-16"
   [sft_v6e-16]="$SFT --topology=v6e-16"
+  [sft_v6e-32]="$SFT --topology=v6e-32"
   [sft_v6e-8_bf16_params]="$SFT --topology=v6e-8 --config.model.param_dtype=bfloat16"
   [max_batch_lora_v6e-8]="$LORA --topology=v6e-8 --find_max_batch"
   [max_batch_lora_v5p-8]="$LORA --topology=v5p-8 --find_max_batch"
+  [max_batch_lora_v5p-16]="$LORA --topology=v5p-16 --find_max_batch"
+  [max_batch_lora_v6e-16]="$LORA --topology=v6e-16 --find_max_batch"
+  [max_batch_sft_v5p-16]="$SFT --topology=v5p-16 --find_max_batch"
 )
 ORDER=(lora_v6e-8 sft_v6e-8 sft_v5p-16 sampler_v6e-8 lora_v6e-8_mesh2x4 lora_v6e-8_ragged lora_v5p-8 sft_v5p-8
-       lora_v5p-16 lora_v6e-16 sft_v6e-16 sft_v6e-8_bf16_params max_batch_lora_v6e-8 max_batch_lora_v5p-8)
+       lora_v5p-16 lora_v6e-16 sft_v6e-16 sft_v6e-8_bf16_params max_batch_lora_v6e-8 max_batch_lora_v5p-8 max_batch_lora_v5p-16
+       max_batch_lora_v6e-16 max_batch_sft_v5p-16 sft_v6e-32)
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do
   args=${ROWS[$row]:-}

@@ -6,7 +6,7 @@
 `--refresh` rewrites each program's figures with the current `diffusion_gemma.aot.report` from XLA's buffer sizes
 in the file and the compiled HLO that `--hlo_dir` kept (when it is still there), without compiling again.
 
-One row per program of every results file: memory per device against the chip's HBM, FLOPs and the roofline
+One row per program of every results file (a batch search's file: one row of the search table instead): memory per device against the chip's HBM, FLOPs and the roofline
 bound, the collectives' bytes, and the compile time; a row the compiler refused says by how much it does not fit.
 """
 
@@ -91,17 +91,21 @@ def main(argv: list[str]) -> None:
         with open(path) as f:
             result = json.load(f)
         name = os.path.splitext(os.path.basename(path))[0]
+        if "max_batch" in result:  # its first program is its base row's, compiled again: listed with the search
+            searches.append((name, result))
+            continue
         for program in result["programs"]:
             print(row(name, result, program))
-        if "max_batch" in result:
-            searches.append((name, result))
+    if searches:
+        print("\n| search | slice | largest global batch that fits | probes: global batch -> memory per device |")
+        print("|---|---|---:|---|")
     for name, result in searches:
         found = result["max_batch"]
-        probes = ", ".join(f"{p['batch']}: {p['total_bytes'] / 1e9:.1f} GB{'' if p['fits'] else ' (no)'}"
+        probes = ", ".join(f"{p['batch']}: {p['total_bytes'] / 1e9:.1f} GB{'' if p['fits'] else ' (does not fit)'}"
                            for p in found["probes"])
-        print(f"\n`{name}`: largest global batch that fits {result['topology']['name']}: {found['largest']} "
-              f"({'exact' if found['exact'] else 'lower bound'}; probes {probes})")
-
+        largest = f"{found['largest']}" if found["exact"] else f">= {found['largest']} (probes ran out)"
+        print(f"| `{name}` | {result['topology']['name']} ({result['topology']['chips']} chips) | {largest} "
+              f"| {probes} |")
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -7,7 +7,8 @@ one mutation per `+`-joined name.
 
 Names: `gemma_rope` (Gemma's rotary everywhere: the recipe before the row-period change), `row_rope` (the default:
 full layers rotate every dim from a 9-position period), `row_rope_local` (Gemma's full layers, sliding layers with
-the row period), `row_rope_both`, `arX` (AR weight X), `lrX` (peak lr X, end lr X/10), `wN` (hidden N, heads of
+the row period), `row_rope_both`, `arX` (AR weight X), `ar_answer` (the AR co-loss predicts the
+answer's tokens only: `objective.ar_targets = "response"`), `lrX` (peak lr X, end lr X/10), `wN` (hidden N, heads of
 N/4, experts of N/2), `grid` (the cell-geometry rotary of `configs/sudoku.py:grid`), `clamp` (givens' canvas cells
 clean and unscored: `data.options.clamp_givens`), `poolK` (K base puzzles per givens count, augmented by a random
 symmetry per example), `curriculum` (many givens first, down to 30 late), `bsN` (global batch N), `stepsN` (N
@@ -51,6 +52,8 @@ def get_config(variant: str = "row_rope"):
             _rope(overrides, local=RopeConfig.first_period(9, 16), global_=GEMMA_GLOBAL)
         elif part == "row_rope_both":
             _rope(overrides, local=RopeConfig.first_period(9, 16), global_=RopeConfig.first_period(9, 32))
+        elif part == "ar_answer":
+            config.objective.ar_targets = "response"
         elif part.startswith("ar"):
             config.objective.ar_weight = float(part[2:])
         elif part.startswith("lr"):
