@@ -168,6 +168,7 @@ def test_train_step_compiles_for_tpu_and_the_report_adds_up(v6e_8):
     assert memory["total"] == memory["argument"] + memory["output"] - memory["alias"] + memory["temporary"]
     assert memory["code"] > 0 and memory["fits"] and memory["headroom"] == parsed.chip.hbm_bytes - memory["total"]
     assert memory["alias"] > 0  # the donated adapters and their moments come back in place
+    assert 0 < memory["peak"] <= memory["total"]  # XLA's own peak figure, kept beside the (conservative) sum
     # The ratio is the compiled work over the analytic count (2 x active parameters per token and pass, backward
     # included): remat recomputes the forward and the analytic count leaves attention scores out, so the compiled
     # step does more, but not more than one extra forward of every pass and the scores (a large share in a 2-layer,

@@ -17,8 +17,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from diffusion_gemma.config import ModelConfig
 from diffusion_gemma.objective import sft as objective, randomness
 from diffusion_gemma.objective.batching import SftBatch
-from diffusion_gemma.objective.sft import (AR_RESPONSE, FULL_RESPONSE, ObjectiveSettings, denoise_canvas, loss_counts, loss_fn,
-                                           micro_batch_loss_fn, prepare_canvas)
+from diffusion_gemma.objective.sft import (AR_RESPONSE, FULL_RESPONSE, ObjectiveSettings, denoise_canvas,
+                                           loss_counts, loss_fn, micro_batch_loss_fn, prepare_canvas)
 from diffusion_gemma.objective.self_conditioning import sample_coins
 from diffusion_gemma.model import moe as moe_module
 from diffusion_gemma.model.layers import rms_norm

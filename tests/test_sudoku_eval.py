@@ -6,6 +6,7 @@ sampler and the greedy decoder compile once for the module."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -561,6 +562,10 @@ def test_ablation_config_variants_change_one_thing_each():
     grid = from_config_dict(ablation.get_config("grid+steps800"))
     assert model_config_for(grid) == model_config_for(from_config_dict(load_sudoku_config("")))  # the default
     assert grid.num_steps == 800 and grid.evaluation.every_steps == 400
+    assert from_config_dict(ablation.get_config("grid+steps1200")) == from_config_dict(load_sudoku_config(""))
+    answer_only = from_config_dict(ablation.get_config("grid+ar_answer+steps800"))
+    assert answer_only == dataclasses.replace(grid, objective=dataclasses.replace(grid.objective,
+                                                                                  ar_targets="response"))
     gemma = model_config_for(from_config_dict(ablation.get_config("gemma_rope")))
     assert gemma.rope_global == ModelConfig.tiny().rope_global and gemma.rope_local == ModelConfig.tiny().rope_local
     local = model_config_for(from_config_dict(ablation.get_config("row_rope_local")))

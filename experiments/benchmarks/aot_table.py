@@ -34,8 +34,9 @@ def row(name: str, result: dict, program: dict) -> str:
                 f"{memory['available'] / 2**30:.2f} GiB | | | | {program['compile_s']:.0f} |")
     bound = program["roofline"]
     collectives = ", ".join(f"{kind} {gb(entry['bytes'])}" for kind, entry in sorted(program["collectives"].items()))
+    peak = f", peak live {gb(memory['peak'])}" if memory.get("peak") else ""
     return (f"| {what} | {where} | {gb(memory['total'])} ({gb(memory['argument'])} args + "
-            f"{gb(memory['temporary'])} temp): {'fits' if memory['fits'] else 'DOES NOT FIT'} | "
+            f"{gb(memory['temporary'])} temp{peak}): {'fits' if memory['fits'] else 'DOES NOT FIT'} | "
             f"{program.get('compute_flops_per_device', program['flops_per_device']) / 1e12:.1f} TFLOP, "
             f"{gb(program['hbm_bytes_per_device'])} GB HBM | {collectives} | "
             f"{1e3 * bound['compute_s']:.0f} / {1e3 * bound['memory_s']:.0f} / {1e3 * bound['interconnect_s']:.0f} ms "
@@ -63,7 +64,8 @@ def refresh(path: str) -> None:
             continue
         with gzip.open(hlo_file, "rt") as f:
             stats = hlo_stats.analyze(f.read())
-        memory = report.Memory(**{k: entry["memory"][k] for k in ("argument", "output", "alias", "temporary", "code")})
+        memory = report.Memory(**{k: entry["memory"][k] for k in ("argument", "output", "alias", "temporary", "code")},
+                               peak=entry["memory"].get("peak"))
         program = types.SimpleNamespace(name=entry["program"], description=entry["description"],
                                         model_flops=entry["model_flops"], tokens=entry["tokens"],
                                         expert_flops=entry["model_flops"] * share)
