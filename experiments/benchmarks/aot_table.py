@@ -34,7 +34,7 @@ def row(name: str, result: dict, program: dict) -> str:
                 f"{memory['available'] / 2**30:.2f} GiB | | | | {program['compile_s']:.0f} |")
     bound = program["roofline"]
     collectives = ", ".join(f"{kind} {gb(entry['bytes'])}" for kind, entry in sorted(program["collectives"].items()))
-    peak = f", peak live {gb(memory['peak'])}" if memory.get("peak") else ""
+    peak = f", XLA peak {gb(memory['peak'])}" if memory.get("peak") else ""
     return (f"| {what} | {where} | {gb(memory['total'])} ({gb(memory['argument'])} args + "
             f"{gb(memory['temporary'])} temp{peak}): {'fits' if memory['fits'] else 'DOES NOT FIT'} | "
             f"{program.get('compute_flops_per_device', program['flops_per_device']) / 1e12:.1f} TFLOP, "
