@@ -259,7 +259,7 @@ def test_sudoku_compact_preset_lines_each_answer_cell_up_with_its_given():
         assert model_config.grid_rope == grid  # both widths split their sliding heads' pairs evenly
 
 
-def test_the_sudoku_default_is_the_row_rope_variant_plus_the_geometry():
+def test_the_sudoku_default_is_the_row_rope_variant_plus_the_geometry_and_a_longer_schedule():
     import importlib.util
 
     from diffusion_gemma.tasks.sudoku.preset import compact_grid_rope
@@ -274,5 +274,9 @@ def test_the_sudoku_default_is_the_row_rope_variant_plus_the_geometry():
     overrides = dict(default.model.overrides)
     geometry = overrides.pop("grid_rope")
     assert overrides == dict(row_rope.model.overrides)
-    assert dataclasses.replace(default, model=dataclasses.replace(default.model, overrides=overrides)) == row_rope
+    # ... and the longer schedule the geometry was measured with (row_rope keeps the 800 steps of its record).
+    assert (default.num_steps, default.evaluation.every_steps, row_rope.num_steps) == (1200, 600, 800)
+    assert dataclasses.replace(default, model=dataclasses.replace(default.model, overrides=overrides),
+                               num_steps=800, evaluation=row_rope.evaluation) == row_rope
+    assert dataclasses.replace(default.evaluation, every_steps=400) == row_rope.evaluation
     assert GridRope(**geometry) == compact_grid_rope()
