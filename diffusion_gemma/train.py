@@ -51,6 +51,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from diffusion_gemma.checkpoints.safetensors_dir import CheckpointError
     from diffusion_gemma.config import ConfigError
     from diffusion_gemma.data.chat import ChatFormatError
+    from diffusion_gemma.data.pipeline import IteratorStateError
     from diffusion_gemma.data.tokenizer import TokenizerError
     from diffusion_gemma.distributed import DistributedSetupError
     from diffusion_gemma.sharding import ShardingError
@@ -59,7 +60,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from diffusion_gemma.training.trainer import TrainingError
 
     return (CheckpointError, ConfigError, ChatFormatError, TokenizerError, DistributedSetupError, ShardingError,
-            IncompatibleCheckpointError, TrainConfigError, TrainingError, OSError)
+            IncompatibleCheckpointError, IteratorStateError, TrainConfigError, TrainingError, OSError)
 
 
 def stop_line(result, workdir: str) -> tuple[str, int]:

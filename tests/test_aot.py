@@ -169,6 +169,13 @@ def test_train_step_compiles_for_tpu_and_the_report_adds_up(v6e_8):
     assert memory["code"] > 0 and memory["fits"] and memory["headroom"] == parsed.chip.hbm_bytes - memory["total"]
     assert memory["alias"] > 0  # the donated adapters and their moments come back in place
     assert 0 < memory["peak"] <= memory["total"]  # XLA's own peak figure, kept beside the (conservative) sum
+    assert memory["peak_fits"] is True
+    text = report.format_report(entry, parsed)
+    assert "every buffer live at once: fits" in text and "what the compiler checks" in text and "within HBM" in text
+    over = dict(memory, total=2 * parsed.chip.hbm_bytes, fits=False, headroom=-parsed.chip.hbm_bytes)
+    assert "DOES NOT FIT" in report.format_report(dict(entry, memory=over), parsed)
+    assert report.peak_fits(report.Memory(1, 0, 0, 0, 0), parsed) is None  # a backend without a peak figure
+    assert report.peak_fits(report.Memory(1, 0, 0, 0, 0, peak=int(parsed.chip.hbm_bytes) + 1), parsed) is False
     # The ratio is the compiled work over the analytic count (2 x active parameters per token and pass, backward
     # included): remat recomputes the forward and the analytic count leaves attention scores out, so the compiled
     # step does more, but not more than one extra forward of every pass and the scores (a large share in a 2-layer,
@@ -361,24 +368,31 @@ def test_find_max_batch_compiles_the_trainers_step_at_each_probed_batch(monkeypa
         compiled_batches.append(config.data.global_batch_size)
         return types.SimpleNamespace(batch=config.data.global_batch_size)
 
+    # Buffers sum to 4 GB + 1.5 GB per row; the peak (what the compiler checks, and refuses by) to 4 GB + 1 GB.
     def fake_compile(program, log):
-        total = 4e9 + 1.5e9 * program.batch
-        if total > parsed.chip.hbm_bytes:
-            refusal = report.OutOfMemory(required=total, available=parsed.chip.hbm_bytes, message="RESOURCE_EXHAUSTED")
+        total, peak = 4e9 + 1.5e9 * program.batch, 4e9 + 1e9 * program.batch
+        if peak > parsed.chip.hbm_bytes:
+            refusal = report.OutOfMemory(required=peak, available=parsed.chip.hbm_bytes, message="RESOURCE_EXHAUSTED")
             return run.Compiled(None, 1.0, (), refusal)
         memory = types.SimpleNamespace(argument_size_in_bytes=int(total), output_size_in_bytes=0,
                                        alias_size_in_bytes=0, temp_size_in_bytes=0,
-                                       generated_code_size_in_bytes=0)
+                                       generated_code_size_in_bytes=0, peak_memory_in_bytes=int(peak))
         return run.Compiled(types.SimpleNamespace(memory_analysis=lambda: memory), 1.0, ())
 
     monkeypatch.setattr(run.programs_lib, "train_step", fake_train_step)
     monkeypatch.setattr(run, "compile_program", fake_compile)
     config = _tiny_config()
-    first = {"memory": {"total": 4e9 + 1.5e9 * 8}}
-    found = run._search_batch(config, parsed, [], first, max_probes=6, log=lambda line: None)
-    truth = int((parsed.chip.hbm_bytes - 4e9) / 1.5e9) // 8 * 8
-    assert found["largest"] == truth and found["smallest_failing"] == truth + 8 and found["exact"]
-    assert all(batch % 8 == 0 for batch in compiled_batches) and 8 not in compiled_batches  # batch 8 was given
+    first = {"memory": {"total": 4e9 + 1.5e9 * 8, "peak": 4e9 + 1e9 * 8}}
+    hbm = parsed.chip.hbm_bytes
+    for by, per_row in (("sum", 1.5e9), ("peak", 1e9)):
+        compiled_batches.clear()
+        found = run._search_batch(config, parsed, [], first, max_probes=6, log=lambda line: None, by=by)
+        truth = int((hbm - 4e9) / per_row) // 8 * 8
+        assert found["largest"] == truth and found["smallest_failing"] == truth + 8 and found["exact"], (by, found)
+        assert found["by"] == by
+        assert all(batch % 8 == 0 for batch in compiled_batches) and 8 not in compiled_batches  # batch 8 was given
+    with pytest.raises(ValueError, match="unknown memory figure 'max'"):
+        report.Memory(1, 0, 0, 0, 0).bytes_by("max")
 
 
 def test_results_table_lists_each_program_and_each_search_once(tmp_path):
@@ -399,4 +413,5 @@ def test_results_table_lists_each_program_and_each_search_once(tmp_path):
     assert [row.split("`")[1] for row in rows] == ["lora_v6e-8", "sft_v6e-8", "max_batch_lora_v6e-8"]
     assert "27.2 (12.7 args + 14.5 temp): fits" in rows[0]
     assert "does not fit: needs > 73.4 GiB of 31.25 GiB" in rows[1]
-    assert rows[2].startswith("| `max_batch_lora_v6e-8` | v6e-8 (8 chips) | 8 | 8: 27.2 GB, 16: 41.0 GB (does not fit)")
+    assert rows[2].startswith("| `max_batch_lora_v6e-8` | v6e-8 (8 chips) | sum | 8 | 8: 27.2 GB, 16: 41.0 GB "
+                              "(does not fit)")

@@ -576,6 +576,27 @@ def test_ablation_config_variants_change_one_thing_each():
         ablation.get_config("rope9")
 
 
+def test_long_variant_is_the_default_model_on_a_longer_run_down_to_twenty_givens():
+    """`:long` (the committed checkpoint's recipe) changes the schedule, the data and the evaluation only, and its
+    curriculum is the one the `curriculum20` A/B measured, with stages at fractions of the whole run."""
+    from diffusion_gemma.tasks.sudoku.source import options_of
+    from diffusion_gemma.training.config import from_config_dict
+    from diffusion_gemma.training.setup import model_config_for
+
+    default, long = load_sudoku_config(""), load_sudoku_config("long")
+    assert model_config_for(from_config_dict(long)) == model_config_for(from_config_dict(default))
+    assert long.optimizer == default.optimizer and long.objective == default.objective
+    assert long.data.num_synthetic_examples == long.num_steps * long.data.global_batch_size
+    options = options_of(long.data)
+    assert options.augment and options.pool_per_givens > 0 and options.givens_range == (20, 60)
+    ablation = load_script("ablation_config")
+    measured = options_of(ablation.get_config("grid+pool100+curriculum20+steps1200").data)
+    assert measured == options  # the data of the A/B, pool cache included (same spec and seed)
+    assert long.num_steps > default.num_steps and long.evaluation.options.min_givens == 20
+    parsed = from_config_dict(long)
+    assert parsed.checkpoint.every_minutes > 0 and parsed.num_steps % parsed.checkpoint.every_steps == 0
+
+
 @pytest.mark.slow
 def test_committed_checkpoint_reproduces_its_recorded_evaluation():
     """experiments/sudoku/checkpoint through the evaluate CLI with its defaults (the training evaluation's settings

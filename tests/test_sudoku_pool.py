@@ -206,3 +206,40 @@ def test_curriculum_stages_follow_the_training_steps(tmp_path):
     givens_by_step = [[81 - b for b in blanks] for blanks in blanks_by_step]
     assert all(set(g) <= {42, 43} for g in givens_by_step[:steps // 2]), givens_by_step
     assert all(set(g) <= {40, 41} for g in givens_by_step[steps // 2:]), givens_by_step
+
+
+def test_prefetch_workers_serve_the_same_stream_and_resume_where_it_was_saved(tmp_path):
+    """`data.prefetch_workers`: batches built in worker processes are the in-process stream, batch for batch, and
+    a saved position resumes there; a position saved by the in-process pipeline is refused in one line."""
+    from absl import flags
+
+    from diffusion_gemma.data.pipeline import IteratorStateError, iterator_state_json, make_dataset, \
+        restore_iterator_state
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags, which a CLI would have parsed
+        flags.FLAGS.mark_as_parsed()
+    steps = 6
+    plain_config = _data_config(tmp_path, pool_per_givens=2, pool_workers=1, augment=True)
+    config = DataConfig(**{**plain_config.__dict__, "prefetch_workers": 2})
+    source = make_source(config)
+    plain = iter(make_dataset(source, plain_config, num_steps=steps))
+    expected = [next(plain)["input_ids"] for _ in range(steps)]
+    served = iter(make_dataset(source, config, num_steps=steps))
+    try:
+        first = [next(served)["input_ids"] for _ in range(3)]
+        saved = iterator_state_json(served)
+        rest = [next(served)["input_ids"] for _ in range(steps - 3)]
+    finally:
+        served.close()
+    np.testing.assert_array_equal(np.stack(first + rest), np.stack(expected))
+    resumed = iter(make_dataset(source, config, num_steps=steps))
+    try:
+        restore_iterator_state(resumed, saved)
+        np.testing.assert_array_equal(np.stack([next(resumed)["input_ids"] for _ in range(steps - 3)]),
+                                      np.stack(expected[3:]))
+    finally:
+        resumed.close()
+    with pytest.raises(IteratorStateError, match="resume with the data settings it was saved with"):
+        restore_iterator_state(iter(make_dataset(source, plain_config, num_steps=steps)), saved)
+    with pytest.raises(ValueError, match="data.prefetch_workers must be >= 0"):
+        DataConfig(**{**plain_config.__dict__, "prefetch_workers": -1})

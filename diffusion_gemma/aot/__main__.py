@@ -32,6 +32,9 @@ _PROMPT = flags.DEFINE_integer("prompt_length", 0, "Prompt tokens the sampler en
 _FIND_MAX_BATCH = flags.DEFINE_bool("find_max_batch", False, "Also search the largest global batch whose training "
                                     "step fits the chip (a few more compiles).")
 _MAX_PROBES = flags.DEFINE_integer("max_probes", 6, "Compiles the batch search may spend.")
+_MAX_BATCH_BY = flags.DEFINE_enum("max_batch_by", "peak", ["peak", "sum"], "What the batch search holds against "
+                                  "HBM: XLA's peak (buffers by live range; what the compiler checks) or the sum of "
+                                  "the buffers (all live at once: a conservative margin).")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the report here as JSON.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --output file.")
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "Also keep each compiled program's HLO text here (gzipped).")
@@ -79,7 +82,7 @@ def main(argv) -> int:
                                     prompt_length=_PROMPT.value or config.data.seq_length,
                                     find_max_batch=_FIND_MAX_BATCH.value, max_probes=_MAX_PROBES.value,
                                     config_name=config_arg, log=lambda line: print(line, flush=True),
-                                    hlo_dir=_HLO_DIR.value)
+                                    hlo_dir=_HLO_DIR.value, max_batch_by=_MAX_BATCH_BY.value)
     if _OUTPUT.value:
         atomic_write.write_json(_OUTPUT.value, result, overwrite=_OVERWRITE.value)
         print(f"wrote {_OUTPUT.value}")

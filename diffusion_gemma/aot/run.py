@@ -102,7 +102,8 @@ def _captured_stderr() -> Iterator[Callable[[], str]]:
 
 def compile_and_report(config: TrainConfig, topology: Topology, *, programs: list[str], sampler_batch_sizes: list[int],
                        prompt_length: int, find_max_batch: bool, max_probes: int, config_name: str,
-                       log: Callable[[str], None], hlo_dir: str | None = None) -> dict[str, Any]:
+                       log: Callable[[str], None], hlo_dir: str | None = None,
+                       max_batch_by: str = "peak") -> dict[str, Any]:
     """Compile `programs` ("train", "sampler") of the run `config` for `topology` and report each; `hlo_dir`:
     also keep each compiled program's HLO text there (gzipped), to analyse again without compiling."""
     devices = compile_devices(topology)
@@ -138,7 +139,8 @@ def compile_and_report(config: TrainConfig, topology: Topology, *, programs: lis
         program, lower_s = _lowered(lambda: programs_lib.train_step(config, devices), "the training step", log)
         result["programs"].append(reported(program, lower_s))
         if find_max_batch:
-            result["max_batch"] = _search_batch(config, topology, devices, result["programs"][-1], max_probes, log)
+            result["max_batch"] = _search_batch(config, topology, devices, result["programs"][-1], max_probes, log,
+                                                by=max_batch_by)
     if "sampler" in programs:
         for batch_size in sampler_batch_sizes:
             (encode, denoise), lower_s = _lowered(
@@ -168,11 +170,17 @@ def _lowered(make: Callable[[], Any], what: str, log: Callable[[str], None]) -> 
 
 
 def _search_batch(config: TrainConfig, topology: Topology, devices: list, first: dict[str, Any], max_probes: int,
-                  log: Callable[[str], None]) -> dict[str, Any]:
+                  log: Callable[[str], None], by: str = "peak") -> dict[str, Any]:
     """The largest global batch (a multiple of the devices times the accumulation steps, so every device gets
-    whole micro-batch rows) whose training step fits one chip's HBM."""
+    whole micro-batch rows) whose training step fits one chip's HBM, judged `by` XLA's peak (what the compiler
+    checks) or the buffer sum (every buffer live at once: conservative); a refusal never fits."""
     granule = topology.num_chips * config.grad_accum_steps
-    measured = {config.data.global_batch_size: first["memory"].get("total", first["memory"].get("required"))}
+    first_memory = first["memory"]
+    if "required" in first_memory:
+        first_bytes = first_memory["required"]
+    else:
+        first_bytes = first_memory["peak"] if by == "peak" and first_memory.get("peak") else first_memory["total"]
+    measured = {config.data.global_batch_size: first_bytes}
 
     def measure(batch: int) -> float:
         if batch not in measured:
@@ -181,8 +189,8 @@ def _search_batch(config: TrainConfig, topology: Topology, devices: list, first:
                                   f"{batch}", log)
             compiled = compile_program(program, log)
             measured[batch] = (compiled.out_of_memory.required if compiled.out_of_memory is not None
-                               else report.Memory.of(compiled.executable).total)
-            log(f"  batch {batch}: {measured[batch] / report.GB:.2f} GB per device "
+                               else report.Memory.of(compiled.executable).bytes_by(by))
+            log(f"  batch {batch}: {measured[batch] / report.GB:.2f} GB per device by the {by} "
                 f"({'fits' if measured[batch] <= topology.chip.hbm_bytes else 'does not fit'})")
         return measured[batch]
 
@@ -192,7 +200,7 @@ def _search_batch(config: TrainConfig, topology: Topology, devices: list, first:
     log(f"largest global batch that fits {topology.name}: {found.largest} ({bound}; smallest that did not fit: "
         f"{found.smallest_failing})")
     return dict(largest=found.largest, smallest_failing=found.smallest_failing, exact=found.exact, granule=granule,
-                probes=[dataclasses.asdict(probe) for probe in found.probes])
+                by=by, probes=[dataclasses.asdict(probe) for probe in found.probes])
 
 
 def _version(name: str) -> str | None:

@@ -25,7 +25,10 @@ class DataConfig:
     """`source`: a registered data source (`diffusion_gemma.registry.DATA_SOURCES`): synthetic (a learnable copy
     task, for smoke runs), chat_jsonl (OpenAI messages, needs `path` and `tokenizer`), or a task's. `options`
     are the source's own settings, checked by it. `seq_length` is the fixed row length (prompt + block-filled
-    response); `num_synthetic_examples` the size of a generated source."""
+    response); `num_synthetic_examples` the size of a generated source. `prefetch_workers` > 0 builds the batches
+    in that many worker processes (one batch each in turn, so the stream and its saved position are the same as
+    with none; a run resumes only with the count it saved with): for a source whose examples cost more than the
+    step (generated puzzles at an accelerator's batch)."""
 
     source: str = "synthetic"
     path: str | None = None
@@ -36,6 +39,7 @@ class DataConfig:
     shuffle_seed: int = 0
     num_synthetic_examples: int = 4096
     synthetic_vocab_size: int = 64
+    prefetch_workers: int = 0
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
@@ -45,6 +49,9 @@ class DataConfig:
         for name in ("seq_length", "block_size", "global_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.prefetch_workers < 0:
+            raise ValueError(f"data.prefetch_workers must be >= 0 (0: batches built in the training process), got "
+                             f"{self.prefetch_workers}")
 
 
 class ExampleSource(Protocol):
@@ -134,7 +141,11 @@ def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
         local, stream = stop - start, dataset
         dataset = grain.MapDataset.range(len(stream) // size * local).map(
             lambda i: stream[i // local * size + start + i % local])
-    return dataset.batch(stop - start, drop_remainder=True).to_iter_dataset()
+    batches = dataset.batch(stop - start, drop_remainder=True).to_iter_dataset()
+    if config.prefetch_workers:
+        # Worker k builds batches k, k + n, ...: the order, and so the data, does not depend on n.
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.prefetch_workers))
+    return batches
 
 
 def make_source(config: DataConfig, tokenizer: chat.TextTokenizer | None = None) -> ExampleSource:
@@ -162,5 +173,15 @@ def iterator_state_json(iterator) -> str:
     return json.dumps(iterator.get_state())
 
 
+class IteratorStateError(ValueError):
+    """A checkpoint's data position that this pipeline cannot take (it was saved by a differently built one)."""
+
+
 def restore_iterator_state(iterator, state_json: str) -> None:
-    iterator.set_state(json.loads(state_json))
+    state = json.loads(state_json)
+    try:
+        iterator.set_state(state)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise IteratorStateError(f"the checkpoint's data position ({state_json[:120]}) does not fit this data "
+                                 f"pipeline: resume with the data settings it was saved with (data.prefetch_workers "
+                                 f"included); {type(err).__name__}: {err}") from None

@@ -29,18 +29,20 @@ declare -A ROWS=(
   # Largest batch: a search from the recipe's batch (v5p-8), or from 16 where a row above already compiled batch 8;
   # a plain row at the next whole batch where that alone brackets it (full SFT fits a v5p-16 at 8 and nothing
   # else: is 16 too much there, and is a v5p-8's smallest whole batch, 4, still too much?).
-  [max_batch_lora_v5p-8]="$LORA --topology=v5p-8 --find_max_batch"
-  [max_batch_lora_v5p-16]="$LORA --topology=v5p-16 --find_max_batch --config.data.global_batch_size=16"
-  [max_batch_lora_v6e-16]="$LORA --topology=v6e-16 --find_max_batch --config.data.global_batch_size=16"
+  [max_batch_lora_v5p-8]="$LORA --topology=v5p-8 --find_max_batch --max_batch_by=sum"
+  [max_batch_lora_v5p-16]="$LORA --topology=v5p-16 --find_max_batch --max_batch_by=sum --config.data.global_batch_size=16"
+  [max_batch_lora_v6e-16]="$LORA --topology=v6e-16 --find_max_batch --max_batch_by=sum --config.data.global_batch_size=16"
   [lora_v6e-8_batch16]="$LORA --topology=v6e-8 --config.data.global_batch_size=16"
   [lora_v6e-8_batch24]="$LORA --topology=v6e-8 --config.data.global_batch_size=24"
   [sft_v5p-16_batch16]="$SFT --topology=v5p-16 --config.data.global_batch_size=16"
   [sft_v5p-8_batch4]="$SFT --topology=v5p-8 --config.data.global_batch_size=4"
   [sft_v6e-32]="$SFT --topology=v6e-32"
+  [sft_v6e-16_batch1]="$SFT --topology=v6e-16 --config.data.global_batch_size=1"
 )
 ORDER=(lora_v6e-8 sft_v6e-8 sft_v5p-16 sampler_v6e-8 lora_v6e-8_mesh2x4 lora_v6e-8_ragged lora_v5p-8 sft_v5p-8
        lora_v5p-16 lora_v6e-16 sft_v6e-16 sft_v6e-8_bf16_params max_batch_lora_v5p-8 lora_v6e-8_batch16
-       lora_v6e-8_batch24 sft_v5p-16_batch16 sft_v5p-8_batch4 max_batch_lora_v5p-16 max_batch_lora_v6e-16 sft_v6e-32)
+       lora_v6e-8_batch24 sft_v5p-16_batch16 sft_v5p-8_batch4 max_batch_lora_v5p-16 max_batch_lora_v6e-16 sft_v6e-32
+       sft_v6e-16_batch1)
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do
   args=${ROWS[$row]:-}

@@ -11,7 +11,8 @@ the row period), `row_rope_both`, `arX` (AR weight X), `ar_answer` (the AR co-lo
 answer's tokens only: `objective.ar_targets = "response"`), `lrX` (peak lr X, end lr X/10), `wN` (hidden N, heads of
 N/4, experts of N/2), `grid` (the cell-geometry rotary of `configs/sudoku.py:grid`), `clamp` (givens' canvas cells
 clean and unscored: `data.options.clamp_givens`), `poolK` (K base puzzles per givens count, augmented by a random
-symmetry per example), `curriculum` (many givens first, down to 30 late), `bsN` (global batch N), `stepsN` (N
+symmetry per example), `curriculum` (many givens first, down to 30 late), `curriculum20` (down to 20
+givens: the `long` variant's stages, with a pool), `bsN` (global batch N), `stepsN` (N
 steps instead of 300, evaluated at the middle and the end). Every variant evaluates on the default's 128 held-out
 easy puzzles.
 """
@@ -73,6 +74,8 @@ def get_config(variant: str = "row_rope"):
             config.data.options.update(pool_per_givens=int(part[4:]), augment=True)
         elif part == "curriculum":
             config.data.options.curriculum = ((0.0, 45, 60), (0.3, 35, 60), (0.6, 30, 60))
+        elif part == "curriculum20":  # down to the generator's floor: needs a pool (`poolK`)
+            config.data.options.curriculum = _SUDOKU.LONG_CURRICULUM
         elif part.startswith("bs"):
             config.data.global_batch_size = int(part[2:])
         elif part.startswith("steps"):

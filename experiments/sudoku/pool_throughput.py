@@ -1,8 +1,10 @@
 """Throughput of the Sudoku data path: base puzzles generated per second by one worker for each givens count,
 the pool built by several workers, and training examples served per second from the pool (with and without
-augmentation) against today's on-the-fly generation. Prints Markdown tables.
+augmentation) against today's on-the-fly generation, and batches served by the training pipeline with and
+without prefetch workers (`data.prefetch_workers`). Prints Markdown tables.
 
   python experiments/sudoku/pool_throughput.py [--givens=20,22,25,30,35,40,50,60] [--per_givens=8] [--workers=2]
+      [--batch=128] [--prefetch_workers=0,2]
 """
 
 import argparse
@@ -44,6 +46,28 @@ def serving_rate(source: SudokuSource, count: int, *, packed: bool) -> float:
     return count / (time.perf_counter() - start)
 
 
+def pipeline_rate(source: SudokuSource, *, batch: int, workers: int, batches: int) -> float:
+    """Batches per second out of the training pipeline (`make_dataset`), timed from the first batch (the workers'
+    start-up left out, as a run pays it once)."""
+    from absl import flags
+
+    from diffusion_gemma.data.pipeline import DataConfig, make_dataset
+
+    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags
+        flags.FLAGS.mark_as_parsed()
+    config = DataConfig(seq_length=163, block_size=81, global_batch_size=batch, prefetch_workers=workers)
+    iterator = iter(make_dataset(source, config, num_steps=batches + 1))
+    try:
+        next(iterator)
+        start = time.perf_counter()
+        for _ in range(batches):
+            next(iterator)
+        return batches / (time.perf_counter() - start)
+    finally:
+        if hasattr(iterator, "close"):
+            iterator.close()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--givens", default="20,22,25,30,35,40,50,60", help="givens counts to time generation at")
@@ -52,6 +76,10 @@ def main(argv=None) -> None:
     parser.add_argument("--build_givens", default="22-25", help="givens range of the parallel build, LOW-HIGH")
     parser.add_argument("--serve", type=int, default=2000, help="examples read per serving measurement")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=128, help="global batch of the pipeline measurement")
+    parser.add_argument("--prefetch_workers", default="0,2", help="worker counts of the pipeline measurement")
+    parser.add_argument("--batches", type=int, default=2000, help="batches timed per pipeline measurement (well "
+                        "above grain's read-ahead of 500, which the first batch may already have filled)")
     args = parser.parse_args(argv)
     givens = [int(g) for g in args.givens.split(",")]
     low, high = (int(g) for g in args.build_givens.split("-"))
@@ -89,6 +117,13 @@ def main(argv=None) -> None:
         count = args.serve if source.base_pool is not None else max(1, args.serve // 20)
         print(f"| {name} | {serving_rate(source, count, packed=False):.0f} | "
               f"{serving_rate(source, count, packed=True):.0f} |")
+
+    augmented = sources[1][1]
+    print(f"\n## Batches of {args.batch} served by the training pipeline, pool + augment ({args.batches} timed)\n")
+    print("| prefetch workers | batches/s | examples/s |\n|---:|---:|---:|")
+    for workers in (int(w) for w in args.prefetch_workers.split(",")):
+        rate = pipeline_rate(augmented, batch=args.batch, workers=workers, batches=args.batches)
+        print(f"| {workers} | {rate:.1f} | {rate * args.batch:.0f} |")
 
 
 if __name__ == "__main__":

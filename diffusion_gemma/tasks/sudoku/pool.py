@@ -19,6 +19,7 @@ import io
 import json
 import multiprocessing
 import os
+import sys
 import time
 
 import numpy as np
@@ -209,6 +210,10 @@ def load_or_generate(spec: PoolSpec, *, cache_dir: str | None = None, workers: i
             return load(path, spec)
         except PoolCacheError as err:
             logging.warning("Sudoku pool cache %s is not usable (%s); regenerating it", path, err)
+    # The few-givens boards are slow to find (seconds each near the floor): say why the run is quiet, also when
+    # the CLIs hold logging at WARNING.
+    print(f"Sudoku pool: building {spec.per_givens * len(spec.givens)} base puzzles (givens {spec.min_givens}-"
+          f"{spec.max_givens}) with {workers} worker(s), once; cached at {path}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     pool, _ = generate(spec, workers=workers)
     logging.info("Sudoku pool: %d base puzzles (givens %d-%d) in %.1f s with %d worker(s); cached at %s",
