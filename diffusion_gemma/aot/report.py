@@ -31,9 +31,9 @@ class Memory:
     """Per-device bytes of a compiled program (XLA's buffer assignment). `peak`: XLA's own peak-memory figure,
     where the backend reports one (None otherwise). The sum counts every buffer live at once; the peak follows
     their live ranges, so on TPU it can be far below the sum (a 2-layer tiny LoRA step at batch 16 on v6e-8:
-    4.6 MB against 37.9 MB), and it is what the TPU compiler holds against HBM: it compiles exactly the programs
-    whose peak fits (experiments/benchmarks/README.md). `fits` keeps the sum, the reading that holds whatever the runtime reuses;
-    `peak_fits` is the compiler's."""
+    4.6 MB against 37.9 MB), and it is what the TPU compiler holds against HBM: it compiles the programs whose
+    peak fits (experiments/benchmarks/README.md). `fits` keeps the sum, a reading that holds however the buffers
+    share space; `peak_fits` is the compiler's."""
 
     argument: int
     output: int
@@ -240,7 +240,7 @@ def format_report(report: dict[str, Any], topology: Topology) -> str:
              f"  total {_gb(memory['total'])} of {_gb(memory['hbm'])} HBM with every buffer live at once: "
              + (f"fits, {_gb(memory['headroom'])} headroom" if memory["fits"]
                 else f"DOES NOT FIT, {_gb(-memory['headroom'])} over"),
-             f"  XLA's peak (buffers by live range, what the compiler checks): "
+             "  XLA's peak (buffers by live range, what the compiler checks): "
              + (f"{_gb(memory['peak'])}, {'within' if memory['peak'] <= memory['hbm'] else 'OVER'} HBM"
                 if memory.get("peak") else "not reported"),
              f"  per device and call: {report['compute_flops_per_device'] / 1e12:.3f} TFLOP, HBM traffic "

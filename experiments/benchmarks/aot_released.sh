@@ -38,13 +38,11 @@ declare -A ROWS=(
   [sft_v5p-8_batch4]="$SFT --topology=v5p-8 --config.data.global_batch_size=4"
   [sft_v6e-32]="$SFT --topology=v6e-32"
   [sft_v6e-16_batch1]="$SFT --topology=v6e-16 --config.data.global_batch_size=1"
-  # Judged by XLA's peak (what the compiler checks), where the sum already put full SFT on v5p-16 at 8.
-  [max_batch_sft_v5p-16]="$SFT --topology=v5p-16 --find_max_batch --max_batch_by=peak --config.data.global_batch_size=16"
 )
 ORDER=(lora_v6e-8 sft_v6e-8 sft_v5p-16 sampler_v6e-8 lora_v6e-8_mesh2x4 lora_v6e-8_ragged lora_v5p-8 sft_v5p-8
        lora_v5p-16 lora_v6e-16 sft_v6e-16 sft_v6e-8_bf16_params max_batch_lora_v5p-8 lora_v6e-8_batch16
        lora_v6e-8_batch24 sft_v5p-16_batch16 sft_v5p-8_batch4 max_batch_lora_v5p-16 max_batch_lora_v6e-16 sft_v6e-32
-       sft_v6e-16_batch1 max_batch_sft_v5p-16)
+       sft_v6e-16_batch1)
 [ $# -gt 0 ] && ORDER=("$@")
 for row in "${ORDER[@]}"; do
   args=${ROWS[$row]:-}

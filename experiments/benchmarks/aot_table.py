@@ -117,5 +117,6 @@ def main(argv: list[str]) -> None:
         print(f"| `{name}` | {result['topology']['name']} ({result['topology']['chips']} chips) | {by} | {largest} "
               f"| {probes} |")
 
+
 if __name__ == "__main__":
     main(sys.argv[1:])
