@@ -104,8 +104,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         _compact(config, preset="sudoku_small", overrides={"grid_rope": dataclasses.asdict(compact_grid_rope())})
         config.model.dtype = "bfloat16"
         config.data.global_batch_size = 128
-        config.data.num_synthetic_examples = config.num_steps * config.data.global_batch_size
-        config.data.options.update(pool_per_givens=100, augment=True, curriculum=LONG_CURRICULUM)
+        _long_data(config)
         config.optimizer = dict(learning_rate=1e-3, end_learning_rate=1e-4, warmup_steps=500, b1=0.95, b2=0.99,
                                 eps=1e-8, weight_decay=1e-4, clip_norm=1.0)
         config.checkpoint.every_steps = 2000
@@ -142,11 +141,17 @@ def _long(config: ml_collections.ConfigDict) -> None:
     20-21 givens), so from a pool built once (cached on disk) and presented under random symmetries."""
     config.num_steps = LONG_STEPS
     config.log_every = 100
-    config.data.num_synthetic_examples = config.num_steps * config.data.global_batch_size
-    config.data.options.update(pool_per_givens=100, augment=True, curriculum=LONG_CURRICULUM)
+    _long_data(config)
     config.checkpoint.update(every_steps=500, every_minutes=5.0, keep=3)
     config.evaluation.every_steps = 2500
     config.evaluation.options.min_givens = 20  # every difficulty bucket
+
+
+def _long_data(config: ml_collections.ConfigDict) -> None:
+    """`long`'s data: the cached pool, a symmetry per example, the curriculum over the whole run (set num_steps
+    first: stage starts are fractions of num_steps x global_batch_size examples)."""
+    config.data.num_synthetic_examples = config.num_steps * config.data.global_batch_size
+    config.data.options.update(pool_per_givens=100, augment=True, curriculum=LONG_CURRICULUM)
 
 
 def _tiny_finetune(config: ml_collections.ConfigDict) -> None:

@@ -211,13 +211,9 @@ def test_curriculum_stages_follow_the_training_steps(tmp_path):
 def test_prefetch_workers_serve_the_same_stream_and_resume_where_it_was_saved(tmp_path):
     """`data.prefetch_workers`: batches built in worker processes are the in-process stream, batch for batch, and
     a saved position resumes there; a position saved by the in-process pipeline is refused in one line."""
-    from absl import flags
-
     from diffusion_gemma.data.pipeline import IteratorStateError, iterator_state_json, make_dataset, \
         restore_iterator_state
 
-    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags, which a CLI would have parsed
-        flags.FLAGS.mark_as_parsed()
     steps = 6
     plain_config = _data_config(tmp_path, pool_per_givens=2, pool_workers=1, augment=True)
     config = DataConfig(**{**plain_config.__dict__, "prefetch_workers": 2})

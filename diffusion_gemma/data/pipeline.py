@@ -143,6 +143,10 @@ def make_dataset(source: ExampleSource, config: DataConfig, *, num_steps: int,
             lambda i: stream[i // local * size + start + i % local])
     batches = dataset.batch(stop - start, drop_remainder=True).to_iter_dataset()
     if config.prefetch_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags, which only a CLI has parsed
+            flags.FLAGS.mark_as_parsed()
         # Worker k builds batches k, k + n, ...: the order, and so the data, does not depend on n.
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.prefetch_workers))
     return batches

@@ -49,12 +49,8 @@ def serving_rate(source: SudokuSource, count: int, *, packed: bool) -> float:
 def pipeline_rate(source: SudokuSource, *, batch: int, workers: int, batches: int) -> float:
     """Batches per second out of the training pipeline (`make_dataset`), timed from the first batch (the workers'
     start-up left out, as a run pays it once)."""
-    from absl import flags
-
     from diffusion_gemma.data.pipeline import DataConfig, make_dataset
 
-    if not flags.FLAGS.is_parsed():  # grain's workers read its absl flags
-        flags.FLAGS.mark_as_parsed()
     config = DataConfig(seq_length=163, block_size=81, global_batch_size=batch, prefetch_workers=workers)
     iterator = iter(make_dataset(source, config, num_steps=batches + 1))
     try:
