@@ -98,17 +98,31 @@ def test_sweep_and_givens_plots_from_evaluation_documents(tmp_path, capsys):
     series = plot_data.solve_rate_by_givens(json.load(open(paths[-1])))
     np.testing.assert_array_equal(series["eval.txt"][0], [30, 45])
 
+    # --by_decoder pools the sets of several files per decoder, weighting a shared givens count by its boards
+    bucket = _doc("autoregressive", by_givens={"45": {"count": 6, "solve_rate": 1.0},
+                                               "50": {"count": 1, "solve_rate": 1.0}})
+    pooled = plot_data.solve_rate_by_givens_per_decoder([json.load(open(paths[-1])), bucket])
+    np.testing.assert_array_equal(pooled["autoregressive"][0], [30, 45, 50])
+    np.testing.assert_allclose(pooled["autoregressive"][1], [0.0, (0.5 * 2 + 6) / 8, 1.0])
+    np.testing.assert_array_equal(pooled["autoregressive"][2], [2, 8, 1])
+    assert set(pooled) == {"autoregressive"}
+
     sweep_png, givens_png = str(tmp_path / "sweep.png"), str(tmp_path / "givens.png")
     assert plots.main(["plots", "sweep", f"--results={','.join(paths)}", f"--output={sweep_png}"]) == 0
     assert plots.main(["plots", "givens", f"--results={paths[-1]}", f"--output={givens_png}"]) == 0
     assert open(sweep_png, "rb").read(8) == PNG and open(givens_png, "rb").read(8) == PNG
+    by_decoder_png = str(tmp_path / "by_decoder.png")
+    assert plots.main(["plots", "givens", "--by_decoder", f"--results={paths[-1]},{paths[0]}",
+                       f"--output={by_decoder_png}"]) == 0
+    assert open(by_decoder_png, "rb").read(8) == PNG
     assert plots.main(["plots", "givens", f"--results={paths[-1]}", f"--output={givens_png}"]) == 1
     assert "pass --overwrite" in capsys.readouterr().err
     json.dump({"not": "a result"}, open(paths[0], "w"))
     assert plots.main(["plots", "sweep", f"--results={paths[0]}", f"--output={tmp_path / 'x.png'}"]) == 1
     assert "not an evaluation result" in capsys.readouterr().err
     assert plots.main(["plots", "nonsense", f"--output={tmp_path / 'x.png'}"]) == 2
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png") == ["givens.png", "sweep.png"]
+    pngs = sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".png")
+    assert pngs == ["by_decoder.png", "givens.png", "sweep.png"]
 
 
 def test_denoising_figure_draws_one_panel_per_frame(pair, tmp_path):

@@ -12,6 +12,8 @@ Needs matplotlib: pip install -e ".[plots]".
         --steps=8,16,32,64 --entropy_bounds=0.1,1.0 --early_stop=true,false --output=sweep.png
     # (c) solve rate by number of givens, from evaluate.py JSON outputs
     python experiments/sudoku/plots.py givens --results=eval.json --output=givens.png
+    #     ... or one series per decoder over several files (e.g. one per givens bucket)
+    python experiments/sudoku/plots.py givens --by_decoder --results=easy.json,hard.json,easy_ar.json --output=g.png
     # (d) one board being denoised step by step
     python experiments/sudoku/plots.py denoise --checkpoint=/tmp/sudoku/checkpoints --puzzles=eval.txt \\
         --index=3 --steps=16 --output=denoise.png
@@ -42,6 +44,8 @@ _METRIC = flags.DEFINE_enum("metric", "solve_rate", ["solve_rate", "blank_cell_a
                             "training: which held-out metric to draw.", flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string("workdir", None, "training: the training workdir.", flag_values=FLAGS)
 _RESULTS = flags.DEFINE_list("results", [], "sweep / givens: evaluate.py JSON outputs.", flag_values=FLAGS)
+_BY_DECODER = flags.DEFINE_bool("by_decoder", False, "givens: one series per decoder, pooling the sets of every "
+                                "--results file (e.g. one file per givens bucket).", flag_values=FLAGS)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "sweep / denoise: our checkpoint or a workdir's checkpoints/.",
                                   flag_values=FLAGS)
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "sweep / denoise: a HuggingFace directory instead.", flag_values=FLAGS)
@@ -200,10 +204,14 @@ def run(argv: list[str]) -> str:
         figure = plotting.sweep(plot_data.sweep_points(docs), _TITLE.value)
     elif command == "givens":
         _require(command, "results")
-        series = {}
-        for doc in plot_data.read_documents(_RESULTS.value):
-            for name, values in plot_data.solve_rate_by_givens(doc).items():
-                series[f"{name} ({doc['decoder']})" if len(_RESULTS.value) > 1 else name] = values
+        docs = plot_data.read_documents(_RESULTS.value)
+        if _BY_DECODER.value:
+            series = plot_data.solve_rate_by_givens_per_decoder(docs)
+        else:
+            series = {}
+            for doc in docs:
+                for name, values in plot_data.solve_rate_by_givens(doc).items():
+                    series[f"{name} ({doc['decoder']})" if len(_RESULTS.value) > 1 else name] = values
         figure = plotting.by_givens(series, _TITLE.value)
     else:
         _require(command, "puzzles")

@@ -109,6 +109,27 @@ def solve_rate_by_givens(doc: dict) -> dict[str, tuple[np.ndarray, np.ndarray, n
     return out
 
 
+def solve_rate_by_givens_per_decoder(docs: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """{decoder: (givens, solve rate, count)}, pooling every set of every document with that decoder (e.g. one
+    file per givens bucket): a givens count in several sets gets their count-weighted solve rate."""
+    solved: dict[str, dict[int, float]] = {}
+    counts: dict[str, dict[int, int]] = {}
+    for doc in docs:
+        for result in doc["sets"]:
+            for givens, entry in (result.get("by_givens") or {}).items():
+                n = int(entry["count"])
+                counts.setdefault(doc["decoder"], {}).setdefault(int(givens), 0)
+                solved.setdefault(doc["decoder"], {}).setdefault(int(givens), 0.0)
+                counts[doc["decoder"]][int(givens)] += n
+                solved[doc["decoder"]][int(givens)] += entry[SOLVE_RATE] * n
+    out = {}
+    for decoder, table in counts.items():
+        givens = sorted(table)
+        count = np.array([table[g] for g in givens])
+        out[decoder] = (np.array(givens), np.array([solved[decoder][g] for g in givens]) / np.maximum(count, 1), count)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ denoising frames
 @dataclasses.dataclass(frozen=True)
 class Frame:
