@@ -112,21 +112,18 @@ def solve_rate_by_givens(doc: dict) -> dict[str, tuple[np.ndarray, np.ndarray, n
 def solve_rate_by_givens_per_decoder(docs: Sequence[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """{decoder: (givens, solve rate, count)}, pooling every set of every document with that decoder (e.g. one
     file per givens bucket): a givens count in several sets gets their count-weighted solve rate."""
-    solved: dict[str, dict[int, float]] = {}
-    counts: dict[str, dict[int, int]] = {}
+    totals: dict[str, dict[int, list[float]]] = {}  # decoder -> givens -> [boards solved, boards]
     for doc in docs:
         for result in doc["sets"]:
             for givens, entry in (result.get("by_givens") or {}).items():
-                n = int(entry["count"])
-                counts.setdefault(doc["decoder"], {}).setdefault(int(givens), 0)
-                solved.setdefault(doc["decoder"], {}).setdefault(int(givens), 0.0)
-                counts[doc["decoder"]][int(givens)] += n
-                solved[doc["decoder"]][int(givens)] += entry[SOLVE_RATE] * n
+                total = totals.setdefault(doc["decoder"], {}).setdefault(int(givens), [0.0, 0])
+                total[0] += entry[SOLVE_RATE] * entry["count"]
+                total[1] += entry["count"]
     out = {}
-    for decoder, table in counts.items():
+    for decoder, table in totals.items():
         givens = sorted(table)
-        count = np.array([table[g] for g in givens])
-        out[decoder] = (np.array(givens), np.array([solved[decoder][g] for g in givens]) / np.maximum(count, 1), count)
+        solved, count = (np.array([table[g][k] for g in givens]) for k in (0, 1))
+        out[decoder] = (np.array(givens), solved / count, count.astype(int))
     return out
 
 
