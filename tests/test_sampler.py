@@ -316,6 +316,9 @@ def test_config_validation():
         SamplerConfig(acceptance="nucleus")
     with pytest.raises(ValueError, match="t_min"):
         SamplerConfig(t_min=0.9, t_max=0.8)
+    with pytest.raises(ValueError, match="t_max > 0"):
+        SamplerConfig(t_min=0.0, t_max=0.0)
+    assert SamplerConfig(t_min=1.5, t_max=1.5).t_min == 1.5  # one constant temperature is allowed
     with pytest.raises(ValueError, match="stability_threshold"):
         SamplerConfig(stability_threshold=-1)
     assert SamplerConfig(max_new_tokens=257).num_blocks(256) == 2

@@ -17,7 +17,7 @@ gen = pytest.importorskip("transformers.models.diffusion_gemma.generation_diffus
 def test_temperature_schedule_is_the_references_divisor_bit_for_bit():
     """Dividing by our host-side table reproduces the reference's LinearTemperatureScheduleLogitsProcessor (which
     evaluates the schedule from an int32 step tensor) bit for bit at every step."""
-    for t_min, t_max, steps_total in [(0.4, 0.8, 48), (1e-4, 2e-4, 48), (0.3, 1.7, 7)]:
+    for t_min, t_max, steps_total in [(0.4, 0.8, 48), (1e-4, 2e-4, 48), (0.3, 1.7, 7), (1.5, 1.5, 64)]:
         processor = gen.LinearTemperatureScheduleLogitsProcessor(t_min, t_max, steps_total)
         ours = steps.temperature_schedule(t_min, t_max, steps_total)
         assert ours.dtype == np.float32 and ours.shape == (steps_total,) and np.isclose(ours[0], t_max)

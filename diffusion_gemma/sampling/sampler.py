@@ -104,8 +104,8 @@ class SamplerConfig:
         if self.max_new_tokens <= 0 or self.max_denoising_steps <= 0:
             raise ValueError(f"max_new_tokens and max_denoising_steps must be positive, got {self.max_new_tokens}, "
                              f"{self.max_denoising_steps}")
-        if not 0 <= self.t_min < self.t_max:
-            raise ValueError(f"need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}")
+        if not (0 <= self.t_min <= self.t_max and self.t_max > 0):  # t_min == t_max: one constant temperature
+            raise ValueError(f"need 0 <= t_min <= t_max and t_max > 0, got t_min={self.t_min}, t_max={self.t_max}")
         if self.acceptance not in ACCEPTANCE_RULES:
             raise ValueError(f"acceptance = {self.acceptance!r}; expected one of {ACCEPTANCE_RULES}")
         if self.entropy_bound <= 0 or not 0 < self.accept_confidence <= 1 or self.confidence_threshold <= 0:

@@ -12,7 +12,7 @@ answer's tokens only: `objective.ar_targets = "response"`), `lrX` (peak lr X, en
 N/4, experts of N/2), `grid` (the cell-geometry rotary of `configs/sudoku.py:grid`), `clamp` (givens' canvas cells
 clean and unscored: `data.options.clamp_givens`), `poolK` (K base puzzles per givens count, augmented by a random
 symmetry per example), `curriculum` (many givens first, down to 30 late), `curriculum20` (down to 20
-givens: the `long` variant's stages, with a pool), `bsN` (global batch N), `stepsN` (N
+givens: `configs/sudoku.py`'s GIVENS_CURRICULUM, with a pool), `bsN` (global batch N), `stepsN` (N
 steps instead of 300, evaluated at the middle and the end). Every variant evaluates on the default's 128 held-out
 easy puzzles.
 """
@@ -75,7 +75,7 @@ def get_config(variant: str = "row_rope"):
         elif part == "curriculum":
             config.data.options.curriculum = ((0.0, 45, 60), (0.3, 35, 60), (0.6, 30, 60))
         elif part == "curriculum20":  # down to the generator's floor: needs a pool (`poolK`)
-            config.data.options.curriculum = _SUDOKU.LONG_CURRICULUM
+            config.data.options.curriculum = _SUDOKU.GIVENS_CURRICULUM
         elif part.startswith("bs"):
             config.data.global_batch_size = int(part[2:])
         elif part.startswith("steps"):
