@@ -479,20 +479,25 @@ def test_evaluate_cli_stops_at_an_invalid_puzzle_unless_allowed(trained, puzzle_
         dict(index=3, problem=f"{path}:4: the puzzle has more than one solution")]
 
 
-def test_evaluate_defaults_are_the_training_evaluation():
+def test_evaluate_defaults_are_the_training_evaluation_but_for_the_temperature():
     """The CLI's defaults build the sampler, puzzle stream and batches of configs/sudoku.py's periodic evaluation,
-    so `--generate=128 --min_givens=40` re-runs it."""
+    except its constant temperature of 1.5 (the trainer keeps the reference's 0.8 -> 0.4), so `--generate=128
+    --min_givens=40 --t_min=0.4 --t_max=0.8` re-runs it."""
     from diffusion_gemma.training import evaluation
 
     evaluate = load_script("evaluate")
-    evaluate.parse(["evaluate", "--checkpoint=c", "--generate=1"])
     config = evaluation.EvaluationConfig(**load_sudoku_config("").evaluation)
     fmt = CompactFormat()
-    assert (sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides())
-            == sudoku_eval.sampler_config(fmt, 81, **evaluation.sampler_settings(config)))
+    trainer_sampler = sudoku_eval.sampler_config(fmt, 81, **evaluation.sampler_settings(config))
+    evaluate.parse(["evaluate", "--checkpoint=c", "--generate=1"])
+    default = sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides())
+    assert (default.t_min, default.t_max) == (1.5, 1.5) and (trainer_sampler.t_min, trainer_sampler.t_max) == (0.4, 0.8)
+    assert default == trainer_sampler.replace(t_min=1.5, t_max=1.5)
     flags = evaluate.FLAGS
     assert (flags.seed, flags.puzzle_seed, flags.batch_size, flags.max_givens) == (
         config.seed, config.seed, config.batch_size, config.options["max_givens"])
+    evaluate.parse(["evaluate", "--checkpoint=c", "--generate=1", "--t_min=0.4", "--t_max=0.8"])
+    assert sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides()) == trainer_sampler
 
 
 @pytest.mark.slow

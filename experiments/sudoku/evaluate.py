@@ -98,7 +98,7 @@ _GREEDY = flags.DEFINE_bool("greedy", True, "Argmax instead of sampling (--nogre
 _EARLY_STOP = flags.DEFINE_bool("early_stop", True, "Stop a canvas once stable and confident (--noearly_stop: "
                                 "always --steps steps).", flag_values=FLAGS)
 _T_MIN = flags.DEFINE_float("t_min", 1.5, "Temperature schedule's floor (t_min = t_max: constant; the trainer's "
-                             "evaluation: 0.4).", flag_values=FLAGS)
+                            "evaluation: 0.4).", flag_values=FLAGS)
 _T_MAX = flags.DEFINE_float("t_max", 1.5, "Temperature at the first step (the trainer's evaluation: 0.8).",
                             flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 1234, "Sampling seed (the initial canvases, even when greedy).",
