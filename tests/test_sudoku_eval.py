@@ -481,7 +481,7 @@ def test_evaluate_cli_stops_at_an_invalid_puzzle_unless_allowed(trained, puzzle_
 
 def test_evaluate_defaults_are_the_training_evaluation_but_for_the_temperature():
     """The CLI's defaults build the sampler, puzzle stream and batches of configs/sudoku.py's periodic evaluation,
-    except its constant temperature of 1.5 (the trainer keeps the reference's 0.8 -> 0.4), so `--generate=128
+    except its temperatures, 2.0 -> 1.0 (the trainer keeps the reference's 0.8 -> 0.4), so `--generate=128
     --min_givens=40 --t_min=0.4 --t_max=0.8` re-runs it."""
     from diffusion_gemma.training import evaluation
 
@@ -491,13 +491,39 @@ def test_evaluate_defaults_are_the_training_evaluation_but_for_the_temperature()
     trainer_sampler = sudoku_eval.sampler_config(fmt, 81, **evaluation.sampler_settings(config))
     evaluate.parse(["evaluate", "--checkpoint=c", "--generate=1"])
     default = sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides())
-    assert (default.t_min, default.t_max) == (1.5, 1.5) and (trainer_sampler.t_min, trainer_sampler.t_max) == (0.4, 0.8)
-    assert default == trainer_sampler.replace(t_min=1.5, t_max=1.5)
+    assert (default.t_min, default.t_max) == (1.0, 2.0) and (trainer_sampler.t_min, trainer_sampler.t_max) == (0.4, 0.8)
+    assert default == trainer_sampler.replace(t_min=1.0, t_max=2.0)
+    assert default == sudoku_eval.sampler_config(fmt, 81, **sudoku_eval.PLAIN_SAMPLER)  # the notebook's settings
     flags = evaluate.FLAGS
     assert (flags.seed, flags.puzzle_seed, flags.batch_size, flags.max_givens) == (
         config.seed, config.seed, config.batch_size, config.options["max_givens"])
     evaluate.parse(["evaluate", "--checkpoint=c", "--generate=1", "--t_min=0.4", "--t_max=0.8"])
     assert sudoku_eval.sampler_config(fmt, 81, **evaluate.sampler_overrides()) == trainer_sampler
+
+
+def test_denoise_plot_samples_with_the_evaluate_settings(monkeypatch, tmp_path):
+    """`plots.py denoise` draws what `evaluate.py` would decode: its plain settings with the figure's own step
+    budget and --greedy (it used the sampler's reference defaults before)."""
+    plots = load_script("plots")
+    puzzle, _ = sudoku.generate_puzzle(np.random.default_rng(5), 30)
+    path = tmp_path / "one.txt"
+    path.write_text(sudoku.format_grid(puzzle, "compact") + "\n")
+    seen = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(model, puzzles, fmt, config, **kwargs):
+        seen["config"] = config
+        raise Captured
+
+    monkeypatch.setattr(sudoku_eval, "solve_diffusion", capture)
+    with pytest.raises(Captured):
+        plots.run(["plots", "denoise", f"--checkpoint={os.path.join(REPO, 'experiments', 'sudoku', 'checkpoint')}",
+                   f"--puzzles={path}", "--steps=16", "--greedy", f"--output={tmp_path / 'd.png'}"])
+    expected = sudoku_eval.sampler_config(CompactFormat(), 81,
+                                          **{**sudoku_eval.PLAIN_SAMPLER, "max_denoising_steps": 16})
+    assert seen["config"] == expected
 
 
 @pytest.mark.slow
@@ -608,7 +634,7 @@ def test_long_variant_is_the_default_model_on_a_longer_run_down_to_twenty_givens
 @pytest.mark.slow
 def test_committed_checkpoint_reproduces_its_recorded_evaluation():
     """experiments/sudoku/checkpoint through the evaluate CLI with its defaults (the training evaluation's settings
-    and seed, at a constant temperature of 1.5) scores like its recorded three-seed evaluation
+    and seed, at the temperatures 2.0 -> 1.0) scores like its recorded three-seed evaluation
     (results/committed_checkpoint_three_seeds.json).
     Tolerance: 3 standard deviations around the recorded mean, the solve rate's deviation being the larger of the
     seeds' spread and the binomial standard error of 128 boards (at a rate of at most 127/128); the blank-cell

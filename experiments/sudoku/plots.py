@@ -14,7 +14,7 @@ Needs matplotlib: pip install -e ".[plots]".
     python experiments/sudoku/plots.py givens --results=eval.json --output=givens.png
     #     ... or one series per decoder over several files (e.g. one per givens bucket)
     python experiments/sudoku/plots.py givens --by_decoder --results=easy.json,hard.json,easy_ar.json --output=g.png
-    # (d) one board being denoised step by step
+    # (d) one board being denoised step by step (evaluate.py's sampler settings, the first --steps budget)
     python experiments/sudoku/plots.py denoise --checkpoint=/tmp/sudoku/checkpoints --puzzles=eval.txt \\
         --index=3 --steps=16 --output=denoise.png
 """
@@ -163,8 +163,10 @@ def denoise_figure():
     solution = puzzle_set.solutions[_INDEX.value] if puzzle_set.solutions is not None else sudoku.solve(puzzle)
     loaded, _, fmt = _model()
     events = []
-    sampler = sudoku_eval.sampler_config(fmt, loaded.model.config.canvas_length, greedy=_GREEDY.value,
-                                         max_denoising_steps=_ints(_STEPS.value, "steps")[0])
+    # evaluate.py's sampler (the plain settings of the reported numbers) with this command's budget and --greedy
+    sampler = sudoku_eval.sampler_config(fmt, loaded.model.config.canvas_length,
+                                         **{**sudoku_eval.PLAIN_SAMPLER, "greedy": _GREEDY.value,
+                                            "max_denoising_steps": _ints(_STEPS.value, "steps")[0]})
     sudoku_eval.solve_diffusion(loaded.model, puzzle[None], fmt, sampler, batch_size=1, seed=_SEED.value,
                                 on_step=events.append)
     frames = plot_data.pick(plot_data.frames_from_events(events, fmt), _PANELS.value)
