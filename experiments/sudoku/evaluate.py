@@ -15,10 +15,10 @@ Under greedy decoding the temperature moves no argmax; it sets which cells pass 
 sharp the logits fed back as the next step's self-conditioning are (training feeds back unscaled logits). On
 validation streams of held-out puzzles (puzzle seeds 4321 and 5678, not the reported 1234) 2.0 -> 1.0 solved
 more boards than the reference's schedule and than any constant (experiments/sudoku/README.md, "Sampler
-temperature"). `--t_min=0.4 --t_max=0.8`
-therefore makes the last command above re-run the default recipe's training evaluation (128 held-out puzzles
-with 40-60 givens) on a checkpoint's weights and reproduce the numbers the trainer logged for them;
-`--min_givens` defaults to 20 (every difficulty bucket) as the `:gpu` and finetune recipes evaluate.
+temperature"). `--t_min=0.4 --t_max=0.8` therefore makes the last command above re-run the default recipe's
+training evaluation (128 held-out puzzles with 40-60 givens) on a checkpoint's weights and reproduce the numbers
+the trainer logged for them; `--min_givens` defaults to 20 (every difficulty bucket) as the `:gpu` and finetune
+recipes evaluate.
 
 The model: `--checkpoint` (one of our checkpoints, or a training workdir's `checkpoints/`: latest step, LoRA
 adapters merged) or `--hf_dir`. Puzzles: comma-separated files, each scored on its own (one grid per line, 81
